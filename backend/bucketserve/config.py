@@ -1,0 +1,87 @@
+"""Engine configuration: every tunable, its default, and its checks, in one place.
+
+Values come from the ``parameters`` of ``config.pbtxt`` (all strings there); ``from_parameters``
+converts and validates them so a typo or a bad value fails the model load with a clear message
+instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from bucketserve.policy import POLICIES
+
+MODEL_PATH_ENV = "BUCKETSERVE_MODEL_PATH"
+
+
+class ConfigError(ValueError):
+    """A config.pbtxt parameter is unknown or has a bad value."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str = ""
+    """Hugging Face causal-LM directory. Empty: the default model. Overridden by $BUCKETSERVE_MODEL_PATH
+    (what `bucketserve serve --model-path` sets). Relative paths are taken from the model's directory."""
+    device: str = "auto"
+    """`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    dtype: str = "auto"
+    """`auto` (the checkpoint's dtype), `float32`, `bfloat16` or `float16`."""
+    num_threads: int = 0
+    """CPU threads for torch; 0 uses every core."""
+    max_num_seqs: int = 64
+    """Most sequences in the running (decode) set at once."""
+    max_prefill_tokens: int = 8192
+    """Most padded tokens (batch size x longest prompt) in one prefill batch."""
+    max_model_len: int = 0
+    """Longest prompt + output in tokens; 0 takes the model's max_position_embeddings."""
+    default_max_tokens: int = 16
+    """Output tokens when a request names none (vLLM's default)."""
+    default_temperature: float = 1.0
+    """Temperature when a request names none (vLLM's default); 0 is greedy."""
+    scheduler_policy: str = "fcfs"
+    """Admission policy for prefill batches."""
+    cancel_poll_ms: int = 50
+    """How often the response thread asks Triton whether clients cancelled their requests."""
+
+    def __post_init__(self) -> None:
+        positive = ("max_num_seqs", "max_prefill_tokens", "default_max_tokens", "cancel_poll_ms")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parameter {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_threads", "max_model_len"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"parameter {name} must be >= 0, got {getattr(self, name)}")
+        if self.default_temperature < 0:
+            raise ConfigError(f"parameter default_temperature must be >= 0, got {self.default_temperature}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"parameter dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"parameter device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.scheduler_policy not in POLICIES:
+            raise ConfigError(f"parameter scheduler_policy must be one of {sorted(POLICIES)}, got {self.scheduler_policy!r}")
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> "EngineConfig":
+        """Build from config.pbtxt string parameters; unknown keys are errors, not silently ignored."""
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, object] = {}
+        for key, raw in params.items():
+            if key not in known:
+                raise ConfigError(f"unknown parameter {key!r}; known: {', '.join(sorted(known))}")
+            kind = type(getattr(cls, key))
+            try:
+                values[key] = kind(raw.strip()) if kind is not str else raw.strip()
+            except ValueError:
+                raise ConfigError(f"parameter {key} must be {kind.__name__}, got {raw!r}") from None
+        return cls(**values)
+
+    def resolve_model_path(self, model_dir: str, default_dir: str) -> tuple[str, str]:
+        """Return the checkpoint directory and where that choice came from (for the load log)."""
+        if os.environ.get(MODEL_PATH_ENV):
+            return os.environ[MODEL_PATH_ENV], f"${MODEL_PATH_ENV}"
+        if self.model_path:
+            return os.path.normpath(os.path.join(model_dir, self.model_path)), "config.pbtxt model_path"
+        return default_dir, "default model"
+

@@ -1,0 +1,147 @@
+"""The engine thread: owns the model, admits waiting requests, and advances the running set.
+
+``submit`` and ``abort`` may be called from any thread; they only enqueue. Each step the thread
+prefills the policy's next batch, then runs one decode step for every running sequence
+(continuous batching): finished sequences leave at once and their KV memory is freed. Every
+request gets exactly one final event, whether it finishes, is aborted, fails or is still queued
+at shutdown.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+from bucketserve.request import FinishReason, Request
+from bucketserve.runner import Runner
+from bucketserve.scheduler import Scheduler
+
+
+@dataclass
+class Event:
+    request: Request
+    new_tokens: list[int]
+    finish: FinishReason | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    waiting: int = 0
+    running: int = 0
+    kv_bytes: int = 0
+    steps: int = 0
+
+
+Emit = Callable[[list[Event]], None]
+
+
+class Engine:
+    def __init__(self, runner: Runner, scheduler: Scheduler, emit: Emit, log: Callable[[str], None] = print):
+        self.runner = runner
+        self.scheduler = scheduler
+        self.emit = emit
+        self.log = log
+        self.stats = EngineStats()
+        self._inbox: queue.Queue = queue.Queue()
+        self._aborted: dict[int, FinishReason] = {}
+        self._thread = threading.Thread(target=self._loop, name="bucketserve-engine", daemon=True)
+        self._stopping = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: Request) -> None:
+        self._inbox.put(("add", request))
+
+    def abort(self, request_id: int, reason: FinishReason = FinishReason.CANCELLED) -> None:
+        """End a request early (cancelled by its client, or stopped by a stop word)."""
+        self._inbox.put(("abort", (request_id, reason)))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._inbox.put(("stop", None))
+        self._thread.join(timeout)
+
+    def _drain_inbox(self, block: bool) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "add":
+                self.scheduler.add(item)
+            elif kind == "abort":
+                request_id, reason = item
+                waiting = self.scheduler.remove_waiting(request_id)
+                if waiting is not None:
+                    waiting.finish(reason)
+                    self.emit([Event(waiting, [], reason)])
+                else:
+                    self._aborted[request_id] = reason
+            elif kind == "stop":
+                self._stopping = True
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._drain_inbox(block=not self.scheduler.has_work())
+            if self._stopping:
+                break
+            try:
+                self._step()
+            except Exception:
+                self._fail_running(traceback.format_exc())
+            self.stats = EngineStats(len(self.scheduler.waiting), len(self.scheduler.running),
+                                     self.runner.kv_bytes(), self.stats.steps + 1)
+        self._shutdown()
+
+    def _step(self) -> None:
+        events: list[Event] = []
+        aborted = {r.id: self._aborted[r.id] for r in self.scheduler.running if r.id in self._aborted}
+        self._aborted.clear()
+        events += [Event(r, [], aborted[r.id]) for r in self.scheduler.running if r.id in aborted]
+        self._retire(aborted)
+        batch = self.scheduler.next_prefill()
+        if batch:
+            self._retire(self._advance(batch, self.runner.prefill(batch), events))
+        if self.scheduler.running:
+            self._retire(self._advance(self.scheduler.running, self.runner.decode(), events))
+        if events:
+            self.emit(events)
+
+    def _advance(self, requests: list[Request], tokens: list[int], events: list[Event]) -> dict[int, FinishReason]:
+        """Record one new token per request; return the requests that are now done."""
+        done: dict[int, FinishReason] = {}
+        for request, token in zip(requests, tokens):
+            reason = request.append_token(token, self.runner.eos_ids)
+            if reason is not None:
+                done[request.id] = reason
+            events.append(Event(request, [token], reason))
+        return done
+
+    def _retire(self, done: dict[int, FinishReason]) -> None:
+        """Finished requests leave the running set and their KV rows are freed."""
+        if done:
+            self.runner.keep(self.scheduler.retire(done))
+
+    def _fail_running(self, trace: str) -> None:
+        self.log(f"engine step failed; failing its {len(self.scheduler.running)} running requests:\n{trace}")
+        failed = self.scheduler.running
+        self.scheduler.running = []
+        self.runner.reset()
+        for request in failed:
+            request.finish(FinishReason.ERROR)
+        self.emit([Event(r, [], FinishReason.ERROR, error="internal error in the engine step") for r in failed])
+
+    def _shutdown(self) -> None:
+        pending = list(self.scheduler.waiting) + self.scheduler.running
+        self.scheduler.waiting.clear()
+        self.scheduler.running = []
+        self.runner.reset()
+        for request in pending:
+            request.finish(FinishReason.ERROR)
+        if pending:
+            self.emit([Event(r, [], FinishReason.ERROR, error="the model is shutting down") for r in pending])

@@ -1,0 +1,157 @@
+"""Build the default model offline: a seeded random Llama and a byte-level BPE tokenizer.
+
+No model hub is reachable from our machines, so the default checkpoint is made locally and saved
+with ``save_pretrained``; it then loads through ``from_pretrained(DIR)``, the same path a user's
+real checkpoint takes. The default shape matches the model our peers were measured on
+(``shared/PEERS.md``): 19.6M parameters, so figures are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import sysconfig
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+MARKER = "bucketserve-model.json"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of the built model; defaults give 19.6M parameters (fp32: 78 MB)."""
+
+    vocab_size: int = 32_000
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 2048
+    seed: int = 0
+    tokenizer_corpus_bytes: int = 6_000_000
+
+
+def corpus_files() -> list[Path]:
+    """Python's own standard library: text every machine with this interpreter has."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py") if "test" not in p.parts and "site-packages" not in p.parts]
+    return sorted(files)
+
+
+def corpus(limit_bytes: int) -> Iterator[str]:
+    """Yield stdlib sources in a fixed order until ``limit_bytes``, so the tokenizer is reproducible."""
+    used = 0
+    for path in corpus_files():
+        text = path.read_text(encoding="utf-8", errors="ignore")
+        yield text
+        used += len(text)
+        if used >= limit_bytes:
+            return
+
+
+def build_tokenizer(spec: ModelSpec, out_dir: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size,
+        special_tokens=[UNK, BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(spec.tokenizer_corpus_bytes), trainer=trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+        model_max_length=spec.max_position_embeddings,
+    )
+    fast.save_pretrained(out_dir)
+
+
+def build_model(spec: ModelSpec, out_dir: Path, vocab_size: int, special_ids: dict[str, int]) -> int:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(spec.seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+        **special_ids,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = special_ids["pad_token_id"]
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+def is_built(out_dir: Path) -> bool:
+    return (Path(out_dir) / MARKER).is_file()
+
+
+def build(out_dir: Path, spec: ModelSpec = ModelSpec(), log=print) -> Path:
+    """Write tokenizer and weights into ``out_dir``; the marker file is written last, so a
+    half-built directory is never mistaken for a finished one."""
+    from transformers import AutoTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"[build-model] training byte-level BPE tokenizer (vocab {spec.vocab_size}) on Python's stdlib ...")
+    build_tokenizer(spec, out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    special = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    log(f"[build-model] writing seeded random Llama weights (seed {spec.seed}) ...")
+    n_params = build_model(spec, out_dir, len(tokenizer), special)
+    (out_dir / MARKER).write_text(json.dumps({**asdict(spec), "parameters": n_params}, indent=2))
+    log(f"[build-model] done: {n_params / 1e6:.1f}M parameters in {out_dir}")
+    return out_dir
+
+
+def default_model_dir() -> Path:
+    """Where ``bucketserve serve`` keeps the default model unless told otherwise."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "bucketserve" / "models" / "tiny-llama"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = ModelSpec()
+    parser.add_argument("out_dir", type=Path, help="directory to write the checkpoint into")
+    for field, value in asdict(defaults).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=value, help=f"default {value}")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the directory holds a model")
+
+
+def main(args: argparse.Namespace) -> int:
+    if is_built(args.out_dir) and not args.force:
+        print(f"[build-model] {args.out_dir} already holds a built model (use --force to rebuild)")
+        return 0
+    spec = ModelSpec(**{f: getattr(args, f) for f in asdict(ModelSpec()).keys()})
+    build(args.out_dir, spec)
+    return 0
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    sys.exit(main(p.parse_args()))

@@ -1,0 +1,96 @@
+"""TritonPythonModel: parses requests, hands them to the engine, and returns at once."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import triton_python_backend_utils as pb_utils
+
+from bucketserve.config import EngineConfig
+from bucketserve.engine import Engine
+from bucketserve.inputs import InvalidInput, check_lengths, parse_request
+from bucketserve.model_builder import default_model_dir, is_built
+from bucketserve.policy import POLICIES
+from bucketserve.request import Request
+from bucketserve.runner import Runner
+from bucketserve.scheduler import Scheduler
+from bucketserve.triton.metrics import EngineMetrics
+from bucketserve.triton.responses import FINAL, ResponseThread, error_response
+
+OPTIONAL_INPUTS = (
+    "text_input", "stream", "sampling_parameters", "exclude_input_in_output", "max_tokens", "min_tokens",
+    "min_length", "top_k", "temperature", "top_p", "seed", "stop_words", "ignore_eos", "priority", "slo_ms",
+    "return_finish_reason", "return_num_input_tokens", "return_num_output_tokens",
+)
+
+
+def read_tensors(request: Any) -> dict[str, Any]:
+    tensors = {}
+    for name in OPTIONAL_INPUTS:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is not None:
+            tensors[name] = tensor.as_numpy()
+    return tensors
+
+
+def read_parameters(request: Any) -> dict[str, Any]:
+    raw = request.parameters()
+    try:
+        params = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as e:
+        raise InvalidInput(f"request parameters are not valid JSON: {e}") from None
+    if not isinstance(params, dict):
+        raise InvalidInput("request parameters must be a JSON object")
+    return params
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        self.logger = pb_utils.Logger
+        model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise pb_utils.TritonModelException("bucketserve needs model_transaction_policy { decoupled: true }")
+        params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
+        self.config = EngineConfig.from_parameters(params)
+        model_dir = f"{args['model_repository']}/{args['model_version']}"
+        path, source = self.config.resolve_model_path(args["model_repository"], str(default_model_dir()))
+        if source == "default model" and not is_built(path):
+            raise pb_utils.TritonModelException(
+                f"default model not found at {path}: run `bucketserve build-model {path}` or set model_path")
+        self.logger.log_info(f"[bucketserve] loading {path} ({source}); model dir {model_dir}")
+        self.runner = Runner(path, self.config.device, self.config.dtype, self.config.num_threads,
+                             log=lambda m: self.logger.log_info(f"[bucketserve] {m}"))
+        self.max_model_len = self.config.max_model_len or self.runner.max_position_embeddings
+        scheduler = Scheduler(POLICIES[self.config.scheduler_policy](), self.config.max_num_seqs,
+                              self.config.max_prefill_tokens)
+        self.metrics = EngineMetrics(model_config["name"])
+        self.engine = Engine(self.runner, scheduler, emit=lambda events: self.responses.put(events),
+                             log=self.logger.log_error)
+        self.responses = ResponseThread(self.runner.tokenizer, self.engine, self.config.cancel_poll_ms / 1000,
+                                        log=self.logger.log_error, on_tick=lambda: self.metrics.update(self.engine.stats))
+        self.responses.start()
+        self.engine.start()
+
+    def _parse(self, request: Any) -> Request:
+        parsed = parse_request(read_tensors(request), read_parameters(request),
+                               self.config.default_max_tokens, self.config.default_temperature)
+        ids = self.runner.tokenize(parsed.prompt)
+        check_lengths(len(ids), parsed.sampling.max_tokens, self.max_model_len)
+        return Request(parsed.prompt, ids, parsed.sampling, parsed.options, parsed.priority, parsed.slo_ms)
+
+    def execute(self, requests: list[Any]) -> None:
+        for triton_request in requests:
+            sender = triton_request.get_response_sender()
+            try:
+                request = self._parse(triton_request)
+            except InvalidInput as e:
+                sender.send(error_response(str(e), pb_utils.TritonError.INVALID_ARG), flags=FINAL)
+                continue
+            self.responses.register(request, sender)
+            self.engine.submit(request)
+        return None
+
+    def finalize(self) -> None:
+        self.engine.stop()
+        self.responses.stop()

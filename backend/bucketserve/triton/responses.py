@@ -1,0 +1,143 @@
+"""The response thread: turns engine events into Triton responses, and polls cancellation.
+
+Everything that talks to Triton's response senders happens here, off the engine thread. This
+thread alone decides when a request is finished for its client, so each request gets exactly one
+final response: later engine events for it are dropped.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from bucketserve.engine import Engine, Event
+from bucketserve.output import TextStream
+from bucketserve.request import FinishReason, Request
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def error_response(message: str, code: Any) -> Any:
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
+
+
+@dataclass
+class ClientStream:
+    request: Request
+    sender: Any
+    text: TextStream
+    pending_text: str = ""  # non-streaming: everything so far
+    pending_tokens: int = 0
+    done: bool = False
+
+    def response(self, text: str, finish: FinishReason | None) -> Any:
+        opts = self.request.options
+        tensors = [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))]
+        if opts.return_finish_reason and finish is not None:
+            tensors.append(pb_utils.Tensor("finish_reason", np.array([finish.value.encode()], dtype=np.object_)))
+        if opts.return_num_input_tokens:
+            tensors.append(pb_utils.Tensor("num_input_tokens", np.array([self.request.prompt_len], dtype=np.uint32)))
+        if opts.return_num_output_tokens:
+            tensors.append(pb_utils.Tensor("num_output_tokens", np.array([self.pending_tokens], dtype=np.uint32)))
+        self.pending_tokens = 0
+        return pb_utils.InferenceResponse(output_tensors=tensors)
+
+
+class ResponseThread:
+    def __init__(self, tokenizer: Any, engine: Engine, poll_s: float, log: Callable[[str], None],
+                 on_tick: Callable[[], None] = lambda: None):
+        self.tokenizer = tokenizer
+        self.engine = engine
+        self.poll_s = poll_s
+        self.log = log
+        self.on_tick = on_tick
+        self._queue: queue.Queue = queue.Queue()
+        self._streams: dict[int, ClientStream] = {}
+        self._thread = threading.Thread(target=self._loop, name="bucketserve-responses", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._queue.put(("stop", None))
+        self._thread.join(timeout)
+
+    def register(self, request: Request, sender: Any) -> None:
+        """Call before the engine sees the request, so its stream exists before its first event."""
+        self._queue.put(("register", ClientStream(request, sender, TextStream(self.tokenizer, request.sampling.stop))))
+
+    def put(self, events: list[Event]) -> None:
+        """The engine's emit callback."""
+        self._queue.put(("events", events))
+
+    def _loop(self) -> None:
+        next_poll = time.monotonic()
+        while True:
+            try:
+                kind, item = self._queue.get(timeout=self.poll_s)
+            except queue.Empty:
+                kind, item = "tick", None
+            if kind == "stop":
+                break
+            if kind == "register":
+                self._streams[item.request.id] = item
+            elif kind == "events":
+                for event in item:
+                    self._safely(self._on_event, event)
+            if time.monotonic() >= next_poll:
+                self._safely(self._poll_cancelled)
+                self._safely(self.on_tick)
+                next_poll = time.monotonic() + self.poll_s
+
+    def _safely(self, fn: Callable, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # a failed send must not stop responses to everyone else
+            self.log(f"response thread: {type(e).__name__}: {e}")
+
+    def _send(self, stream: ClientStream, response: Any, final: bool) -> None:
+        if final:
+            stream.done = True
+            self._streams.pop(stream.request.id, None)
+        stream.sender.send(response, flags=FINAL if final else 0)
+
+    def _on_event(self, event: Event) -> None:
+        stream = self._streams.get(event.request.id)
+        if stream is None or stream.done:
+            return
+        if event.error is not None:
+            self._send(stream, error_response(event.error, pb_utils.TritonError.INTERNAL), final=True)
+            return
+        if event.finish is FinishReason.CANCELLED:
+            self._send(stream, error_response("request was cancelled", pb_utils.TritonError.CANCELLED), final=True)
+            return
+        delta = stream.text.push(event.new_tokens)
+        stream.pending_tokens += len(event.new_tokens)
+        finish = event.finish
+        if stream.text.stopped:
+            finish = FinishReason.STOP
+            if event.finish is None:
+                self.engine.abort(stream.request.id, FinishReason.STOP)
+        if finish is not None:
+            delta += stream.text.finish()
+        opts = stream.request.options
+        if opts.stream:
+            if delta or finish is not None:
+                self._send(stream, stream.response(delta, finish), final=finish is not None)
+            return
+        stream.pending_text += delta
+        if finish is not None:
+            text = stream.pending_text if opts.exclude_input_in_output else stream.request.prompt + stream.pending_text
+            self._send(stream, stream.response(text, finish), final=True)
+
+    def _poll_cancelled(self) -> None:
+        for stream in list(self._streams.values()):
+            if stream.sender.is_cancelled():
+                self._send(stream, error_response("request was cancelled", pb_utils.TritonError.CANCELLED), final=True)
+                self.engine.abort(stream.request.id)

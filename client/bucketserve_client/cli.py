@@ -1,0 +1,45 @@
+"""`bucketserve-client generate PROMPT [--stream]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bucketserve_client.client import BucketServeClient, BucketServeError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bucketserve-client")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text for one prompt")
+    g.add_argument("prompt")
+    g.add_argument("--stream", action="store_true", help="print text as it is generated")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--url", default="localhost:8001", help="Triton gRPC address HOST:PORT")
+    g.add_argument("--model", default="bucketserve")
+    args = p.parse_args(argv)
+
+    client = BucketServeClient(args.url, args.model)
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    try:
+        if args.stream:
+            for delta in client.stream(args.prompt, **sampling):
+                print(delta, end="", flush=True)
+            print()
+        else:
+            c = client.generate(args.prompt, **sampling)
+            print(c.text)
+            print(f"[finish_reason={c.finish_reason} input_tokens={c.num_input_tokens} "
+                  f"output_tokens={c.num_output_tokens}]", file=sys.stderr)
+    except BucketServeError as e:
+        print(f"error ({e.status}): {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Generate text over Triton's gRPC streaming API: sync iterator, one-shot call, and asyncio.
+
+A decoupled model answers only on a gRPC stream, so even the one-shot call uses one (with
+``stream=false`` the model sends exactly one response).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Iterator
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+from tritonclient.utils import InferenceServerException
+
+
+class BucketServeError(RuntimeError):
+    """The server answered a request with an error (``status`` is Triton's, e.g. StatusCode.INVALID_ARGUMENT)."""
+
+    def __init__(self, message: str, status: str | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str | None
+    num_input_tokens: int | None
+    num_output_tokens: int | None
+
+
+def build_inputs(prompt: str, stream: bool, sampling: dict[str, Any]) -> list[grpcclient.InferInput]:
+    def tensor(name: str, value: np.ndarray, dtype: str) -> grpcclient.InferInput:
+        t = grpcclient.InferInput(name, list(value.shape), dtype)
+        t.set_data_from_numpy(value)
+        return t
+
+    inputs = [
+        tensor("text_input", np.array([prompt.encode("utf-8")], dtype=np.object_), "BYTES"),
+        tensor("stream", np.array([stream]), "BOOL"),
+    ]
+    if sampling:
+        inputs.append(tensor("sampling_parameters", np.array([json.dumps(sampling).encode()], dtype=np.object_), "BYTES"))
+    for name in ("return_finish_reason", "return_num_input_tokens", "return_num_output_tokens"):
+        inputs.append(tensor(name, np.array([True]), "BOOL"))
+    return inputs
+
+
+def is_final(result: Any) -> bool:
+    return result.get_response().parameters["triton_final_response"].bool_param
+
+
+def _fields(result: Any) -> tuple[str, str | None, int | None, int | None]:
+    text = result.as_numpy("text_output")
+    reason = result.as_numpy("finish_reason")
+    n_in = result.as_numpy("num_input_tokens")
+    n_out = result.as_numpy("num_output_tokens")
+    return (
+        b"".join(text.reshape(-1)).decode("utf-8") if text is not None else "",
+        reason.reshape(-1)[0].decode() if reason is not None else None,
+        int(n_in.reshape(-1)[0]) if n_in is not None else None,
+        int(n_out.sum()) if n_out is not None else None,
+    )
+
+
+def _error(error: InferenceServerException) -> BucketServeError:
+    return BucketServeError(error.message(), error.status())
+
+
+class BucketServeClient:
+    """Synchronous client; each call opens its own gRPC stream, so calls may run in parallel threads."""
+
+    def __init__(self, url: str = "localhost:8001", model: str = "bucketserve"):
+        self.url = url
+        self.model = model
+
+    def _responses(self, prompt: str, stream: bool, sampling: dict[str, Any]) -> Iterator[Any]:
+        results: queue.Queue = queue.Queue()
+        client = grpcclient.InferenceServerClient(self.url)
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        try:
+            client.async_stream_infer(self.model, build_inputs(prompt, stream, sampling),
+                                      enable_empty_final_response=True)
+            while True:
+                result, error = results.get()
+                if error is not None:
+                    raise _error(error)
+                yield result
+                if is_final(result):
+                    return
+        finally:
+            client.stop_stream(cancel_requests=True)
+            client.close()
+
+    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+        """Yield text deltas as the server generates them."""
+        for result in self._responses(prompt, True, sampling):
+            text, *_ = _fields(result)
+            if text:
+                yield text
+
+    def generate(self, prompt: str, **sampling: Any) -> Completion:
+        """One request, one response: the whole completion."""
+        pieces, reason, n_in, n_out = [], None, None, 0
+        for result in self._responses(prompt, False, sampling):
+            text, r, i, o = _fields(result)
+            pieces.append(text)
+            reason, n_in, n_out = r or reason, i if i is not None else n_in, n_out + (o or 0)
+        return Completion("".join(pieces), reason, n_in, n_out)
+
+
+class AsyncBucketServeClient:
+    """asyncio client over tritonclient.grpc.aio."""
+
+    def __init__(self, url: str = "localhost:8001", model: str = "bucketserve"):
+        self.url = url
+        self.model = model
+
+    async def _responses(self, prompt: str, stream: bool, sampling: dict[str, Any]) -> AsyncIterator[Any]:
+        client = grpcaio.InferenceServerClient(self.url)
+
+        async def requests() -> AsyncIterator[dict]:
+            yield {"model_name": self.model, "inputs": build_inputs(prompt, stream, sampling),
+                   "enable_empty_final_response": True}
+
+        try:
+            async for result, error in client.stream_infer(requests()):
+                if error is not None:
+                    raise _error(error)
+                yield result
+                if is_final(result):
+                    return
+        finally:
+            await client.close()
+
+    async def stream(self, prompt: str, **sampling: Any) -> AsyncIterator[str]:
+        async for result in self._responses(prompt, True, sampling):
+            text, *_ = _fields(result)
+            if text:
+                yield text
+
+    async def generate(self, prompt: str, **sampling: Any) -> Completion:
+        pieces, reason, n_in, n_out = [], None, None, 0
+        async for result in self._responses(prompt, False, sampling):
+            text, r, i, o = _fields(result)
+            pieces.append(text)
+            reason, n_in, n_out = r or reason, i if i is not None else n_in, n_out + (o or 0)
+        return Completion("".join(pieces), reason, n_in, n_out)
