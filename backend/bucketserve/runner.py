@@ -26,6 +26,8 @@ class Runner:
 
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", num_threads: int = 0,
                  log: Callable[[str], None] = print):
+        if not os.path.isfile(os.path.join(model_path, "config.json")):
+            raise FileNotFoundError(f"{model_path} is not a Hugging Face model directory (no config.json)")
         torch.set_num_threads(num_threads or os.cpu_count() or 1)
         self.device = pick_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)

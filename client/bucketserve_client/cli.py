@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from bucketserve_client.client import BucketServeClient, BucketServeError
+from bucketserve_client.perf_tools import perf_analyzer_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--url", default="localhost:8001", help="Triton gRPC address HOST:PORT")
     g.add_argument("--model", default="bucketserve")
+    pa = sub.add_parser("perf-analyzer", help="run perf_analyzer with the libraries it needs on LD_LIBRARY_PATH")
+    pa.add_argument("args", nargs=argparse.REMAINDER, help="perf_analyzer's own arguments, after --")
     args = p.parse_args(argv)
+    if args.command == "perf-analyzer":
+        exe, env = perf_analyzer_command()
+        rest = args.args[1:] if args.args[:1] == ["--"] else args.args
+        os.execvpe(exe, [exe, *rest], env)
 
     client = BucketServeClient(args.url, args.model)
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}

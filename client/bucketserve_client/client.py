@@ -33,7 +33,8 @@ class Completion:
     num_output_tokens: int | None
 
 
-def build_inputs(prompt: str, stream: bool, sampling: dict[str, Any]) -> list[grpcclient.InferInput]:
+def build_inputs(prompt: str, stream: bool, sampling: dict[str, Any], echo: bool = False) -> list[grpcclient.InferInput]:
+    """Tensors for one request; ``echo`` prepends the prompt to a non-streamed completion."""
     def tensor(name: str, value: np.ndarray, dtype: str) -> grpcclient.InferInput:
         t = grpcclient.InferInput(name, list(value.shape), dtype)
         t.set_data_from_numpy(value)
@@ -42,6 +43,7 @@ def build_inputs(prompt: str, stream: bool, sampling: dict[str, Any]) -> list[gr
     inputs = [
         tensor("text_input", np.array([prompt.encode("utf-8")], dtype=np.object_), "BYTES"),
         tensor("stream", np.array([stream]), "BOOL"),
+        tensor("exclude_input_in_output", np.array([not echo]), "BOOL"),
     ]
     if sampling:
         inputs.append(tensor("sampling_parameters", np.array([json.dumps(sampling).encode()], dtype=np.object_), "BYTES"))
@@ -78,12 +80,12 @@ class BucketServeClient:
         self.url = url
         self.model = model
 
-    def _responses(self, prompt: str, stream: bool, sampling: dict[str, Any]) -> Iterator[Any]:
+    def _responses(self, prompt: str, stream: bool, sampling: dict[str, Any], echo: bool = False) -> Iterator[Any]:
         results: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
         client.start_stream(callback=lambda result, error: results.put((result, error)))
         try:
-            client.async_stream_infer(self.model, build_inputs(prompt, stream, sampling),
+            client.async_stream_infer(self.model, build_inputs(prompt, stream, sampling, echo),
                                       enable_empty_final_response=True)
             while True:
                 result, error = results.get()
@@ -103,10 +105,10 @@ class BucketServeClient:
             if text:
                 yield text
 
-    def generate(self, prompt: str, **sampling: Any) -> Completion:
-        """One request, one response: the whole completion."""
+    def generate(self, prompt: str, echo: bool = False, **sampling: Any) -> Completion:
+        """One request, one response: the whole completion (after the prompt, if ``echo``)."""
         pieces, reason, n_in, n_out = [], None, None, 0
-        for result in self._responses(prompt, False, sampling):
+        for result in self._responses(prompt, False, sampling, echo):
             text, r, i, o = _fields(result)
             pieces.append(text)
             reason, n_in, n_out = r or reason, i if i is not None else n_in, n_out + (o or 0)
@@ -120,11 +122,12 @@ class AsyncBucketServeClient:
         self.url = url
         self.model = model
 
-    async def _responses(self, prompt: str, stream: bool, sampling: dict[str, Any]) -> AsyncIterator[Any]:
+    async def _responses(self, prompt: str, stream: bool, sampling: dict[str, Any],
+                         echo: bool = False) -> AsyncIterator[Any]:
         client = grpcaio.InferenceServerClient(self.url)
 
         async def requests() -> AsyncIterator[dict]:
-            yield {"model_name": self.model, "inputs": build_inputs(prompt, stream, sampling),
+            yield {"model_name": self.model, "inputs": build_inputs(prompt, stream, sampling, echo),
                    "enable_empty_final_response": True}
 
         try:
@@ -143,9 +146,9 @@ class AsyncBucketServeClient:
             if text:
                 yield text
 
-    async def generate(self, prompt: str, **sampling: Any) -> Completion:
+    async def generate(self, prompt: str, echo: bool = False, **sampling: Any) -> Completion:
         pieces, reason, n_in, n_out = [], None, None, 0
-        async for result in self._responses(prompt, False, sampling):
+        async for result in self._responses(prompt, False, sampling, echo):
             text, r, i, o = _fields(result)
             pieces.append(text)
             reason, n_in, n_out = r or reason, i if i is not None else n_in, n_out + (o or 0)

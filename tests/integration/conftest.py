@@ -1,0 +1,84 @@
+"""A real tritonserver, started through `bucketserve serve` on free ports, shared by these tests."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@dataclass
+class Server:
+    http: int
+    grpc: int
+    metrics: int
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc}"
+
+    def post(self, path: str, body: dict) -> tuple[int, str]:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def metric(self, name: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + "{") or line.startswith(name + " "):
+                    return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+
+def start_server(model_path: Path, log: Path, timeout: float = 300) -> Server:
+    http, grpc, metrics = free_ports(3)
+    cmd = [sys.executable, "-m", "bucketserve.cli", "serve", "--model-path", str(model_path),
+           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    server = Server(http, grpc, metrics, proc, log)
+    deadline = time.monotonic() + timeout
+    while "[bucketserve] READY" not in log.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not become READY:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+    return server
+
+
+def stop_server(server: Server) -> int:
+    server.proc.send_signal(signal.SIGTERM)
+    return server.proc.wait(90)
+
+
+@pytest.fixture(scope="session")
+def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    s = start_server(model_dir, tmp_path_factory.mktemp("server") / "server.log")
+    yield s
+    if s.proc.poll() is None:
+        stop_server(s)

@@ -1,0 +1,65 @@
+"""Streaming and one-shot generation over gRPC and HTTP, checked against transformers' output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from bucketserve_client import AsyncBucketServeClient, BucketServeClient
+
+PROMPT = "The history of the city begins with"
+
+
+def expected_text(tokenizer, reference, prompt: str, max_tokens: int) -> tuple[str, int, int]:
+    ids = tokenizer(prompt).input_ids
+    out = reference(ids, max_tokens)
+    return tokenizer.decode(out, skip_special_tokens=True), len(ids), len(out)
+
+
+def test_grpc_stream_and_one_shot_match_transformers(server, tokenizer, reference):
+    text, n_in, n_out = expected_text(tokenizer, reference, PROMPT, 24)
+    client = BucketServeClient(server.grpc_url)
+    deltas = list(client.stream(PROMPT, max_tokens=24, temperature=0))
+    assert len(deltas) > 1 and "".join(deltas) == text
+    done = client.generate(PROMPT, max_tokens=24, temperature=0)
+    assert (done.text, done.num_input_tokens, done.num_output_tokens) == (text, n_in, n_out)
+    assert done.finish_reason == "length"
+    assert client.generate(PROMPT, echo=True, max_tokens=24, temperature=0).text == PROMPT + text
+
+
+def test_asyncio_client(server, tokenizer, reference):
+    text, _, _ = expected_text(tokenizer, reference, PROMPT, 10)
+
+    async def run() -> tuple[str, str]:
+        client = AsyncBucketServeClient(server.grpc_url)
+        streamed = "".join([d async for d in client.stream(PROMPT, max_tokens=10, temperature=0)])
+        return streamed, (await client.generate(PROMPT, max_tokens=10, temperature=0)).text
+
+    assert asyncio.run(run()) == (text, text)
+
+
+def test_http_generate_and_generate_stream(server, tokenizer, reference):
+    text, _, _ = expected_text(tokenizer, reference, PROMPT, 12)
+    body = {"text_input": PROMPT, "max_tokens": 12, "temperature": 0}
+    status, raw = server.post("/v2/models/bucketserve/generate", body)
+    assert status == 200 and json.loads(raw)["text_output"] == PROMPT + text  # vllm_backend: prompt prepended
+    status, raw = server.post("/v2/models/bucketserve/generate",
+                              {**body, "exclude_input_in_output": True, "return_finish_reason": True})
+    assert status == 200 and json.loads(raw)["text_output"] == text and json.loads(raw)["finish_reason"] == "length"
+    status, raw = server.post("/v2/models/bucketserve/generate_stream", {**body, "stream": True})
+    events = [json.loads(line[len("data: "):]) for line in raw.splitlines() if line.startswith("data: ")]
+    assert status == 200 and len(events) > 1 and "".join(e["text_output"] for e in events) == text
+
+
+def test_http_bad_input_is_a_clear_400(server):
+    status, raw = server.post("/v2/models/bucketserve/generate", {"text_input": "hi", "top_p": 2.0})
+    assert status == 400 and "top_p must be in (0, 1]" in raw
+
+
+def test_stop_words_end_generation_early(server, tokenizer, reference):
+    text, _, _ = expected_text(tokenizer, reference, PROMPT, 24)
+    word = text[len(text) // 2:len(text) // 2 + 3]
+    client = BucketServeClient(server.grpc_url)
+    done = client.generate(PROMPT, max_tokens=24, temperature=0, stop=[word])
+    assert done.finish_reason == "stop" and done.text == text[:text.index(word)]
+    assert "".join(client.stream(PROMPT, max_tokens=24, temperature=0, stop=[word])) == done.text

@@ -1,0 +1,132 @@
+"""The engine with a real model and no server: continuous batching must not change greedy tokens."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+
+import pytest
+
+from bucketserve.engine import Engine, Event
+from bucketserve.policy import FCFSPolicy
+from bucketserve.request import FinishReason, Request, SamplingParams
+from bucketserve.runner import Runner
+from bucketserve.scheduler import Scheduler
+
+PROMPTS = [
+    "Hello",
+    "def add(a, b):\n    return a + b\n" * 12,
+    "The quick brown fox jumps over the lazy dog. " * 6,
+    "import os\nimport sys\n",
+    "class Config:\n    '''Settings for the engine.'''\n" * 25,
+    "x = 1",
+]
+
+
+class Collector:
+    """Records events per request and when each got its final one."""
+
+    def __init__(self):
+        self.tokens: dict[int, list[int]] = defaultdict(list)
+        self.finals: dict[int, list[Event]] = defaultdict(list)
+        self.done = threading.Condition()
+
+    def __call__(self, events: list[Event]) -> None:
+        with self.done:
+            for e in events:
+                self.tokens[e.request.id] += e.new_tokens
+                if e.finish is not None:
+                    self.finals[e.request.id].append(e)
+            self.done.notify_all()
+
+    def wait(self, ids: list[int], timeout: float = 120) -> None:
+        with self.done:
+            assert self.done.wait_for(lambda: all(i in self.finals for i in ids), timeout)
+
+
+@pytest.fixture(scope="module")
+def runner(model_dir):
+    return Runner(str(model_dir), device="cpu", log=lambda _m: None)
+
+
+@pytest.fixture
+def engine(runner):
+    collector = Collector()
+    engine = Engine(runner, Scheduler(FCFSPolicy(), max_num_seqs=4, max_prefill_tokens=600), collector)
+    engine.collector = collector
+    engine.start()
+    yield engine
+    engine.stop()
+
+
+def make(runner: Runner, prompt: str, **sampling) -> Request:
+    sampling.setdefault("temperature", 0.0)
+    return Request(prompt, runner.tokenize(prompt), SamplingParams(**sampling))
+
+
+def test_staggered_arrivals_give_the_same_greedy_tokens_as_generate(engine, runner, reference):
+    """Requests join and leave a shared, padded running set at different steps; at most 4 run at once."""
+    requests = [make(runner, p, max_tokens=8 + 5 * i) for i, p in enumerate(PROMPTS)]
+    for r in requests:
+        engine.submit(r)
+        time.sleep(0.05)
+    engine.collector.wait([r.id for r in requests])
+    for r in requests:
+        expected = reference(r.prompt_ids, r.sampling.max_tokens)
+        assert engine.collector.tokens[r.id] == expected, r.prompt[:30]
+        assert len(engine.collector.finals[r.id]) == 1
+    assert engine.runner.kv_bytes() == 0 and engine.runner.rows == []
+
+
+def test_abort_frees_the_sequence(engine, runner):
+    long = make(runner, PROMPTS[1], max_tokens=1000)
+    engine.submit(long)
+    deadline = time.monotonic() + 30
+    while len(engine.collector.tokens[long.id]) < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert engine.runner.kv_bytes() > 0
+    engine.abort(long.id)
+    engine.collector.wait([long.id])
+    assert engine.collector.finals[long.id][0].finish is FinishReason.CANCELLED
+    time.sleep(0.2)
+    assert engine.stats.running == 0 and engine.stats.kv_bytes == 0
+
+
+def test_abort_while_waiting_ends_the_request(runner):
+    collector = Collector()
+    engine = Engine(runner, Scheduler(FCFSPolicy(), max_num_seqs=1, max_prefill_tokens=600), collector)
+    first, second = make(runner, "a", max_tokens=200), make(runner, "b", max_tokens=5)
+    engine.submit(first)
+    engine.submit(second)
+    engine.abort(second.id)
+    engine.start()
+    collector.wait([second.id])
+    assert collector.finals[second.id][0].finish is FinishReason.CANCELLED and collector.tokens[second.id] == []
+    engine.stop()
+    assert collector.finals[first.id][0].error == "the model is shutting down"  # one final, even at shutdown
+
+
+def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(engine, runner):
+    alone = make(runner, "Once upon a time", max_tokens=12, temperature=0.9, top_k=50, top_p=0.95, seed=1234)
+    engine.submit(alone)
+    engine.collector.wait([alone.id])
+    crowd = [make(runner, p, max_tokens=12, temperature=0.9, seed=i) for i, p in enumerate(PROMPTS[:3])]
+    again = make(runner, "Once upon a time", max_tokens=12, temperature=0.9, top_k=50, top_p=0.95, seed=1234)
+    for r in [*crowd, again]:
+        engine.submit(r)
+    engine.collector.wait([r.id for r in [*crowd, again]])
+    assert engine.collector.tokens[again.id] == engine.collector.tokens[alone.id]
+    other = make(runner, "Once upon a time", max_tokens=12, temperature=0.9, top_k=50, top_p=0.95, seed=99)
+    engine.submit(other)
+    engine.collector.wait([other.id])
+    assert engine.collector.tokens[other.id] != engine.collector.tokens[alone.id]
+
+
+def test_max_tokens_bounds_length(engine, runner):
+    r = make(runner, "Hello", max_tokens=6)
+    engine.submit(r)
+    engine.collector.wait([r.id])
+    assert len(engine.collector.tokens[r.id]) == 6
+    assert engine.collector.finals[r.id][0].finish is FinishReason.LENGTH

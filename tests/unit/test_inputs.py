@@ -1,0 +1,99 @@
+"""Request parsing: precedence of the three sources, coercion, and every INVALID_ARG case."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bucketserve.inputs import InvalidInput, check_lengths, parse_request
+
+
+def text(s: str | bytes) -> np.ndarray:
+    return np.array([s.encode() if isinstance(s, str) else s], dtype=np.object_)
+
+
+def parse(tensors: dict, params: dict | None = None):
+    return parse_request({"text_input": text("hi"), **tensors}, params or {}, default_max_tokens=16,
+                         default_temperature=1.0)
+
+
+def test_defaults_follow_vllm_backend():
+    p = parse({})
+    assert p.sampling.max_tokens == 16 and p.sampling.temperature == 1.0
+    assert not p.options.stream and not p.options.exclude_input_in_output  # prompt prepended
+    assert parse({"stream": np.array([True])}).options.exclude_input_in_output  # not when streaming
+
+
+def test_precedence_tensor_over_json_over_parameters():
+    sp = text(json.dumps({"max_tokens": 7, "temperature": 0.5, "top_k": 3}))
+    p = parse({"sampling_parameters": sp, "max_tokens": np.array([9], dtype=np.int32)},
+              {"max_tokens": 5, "temperature": 0.1, "top_p": 0.9})
+    assert p.sampling.max_tokens == 9  # tensor
+    assert p.sampling.temperature == 0.5  # JSON over parameters
+    assert p.sampling.top_k == 3
+    assert p.sampling.top_p == pytest.approx(0.9)  # parameters when nothing else names it
+
+
+def test_numbers_as_strings_like_genai_perf():
+    p = parse({"sampling_parameters": text('{"max_tokens": "64", "min_tokens": "64", "ignore_eos": "true"}')})
+    assert (p.sampling.max_tokens, p.sampling.min_tokens, p.sampling.ignore_eos) == (64, 64, True)
+
+
+def test_trtllm_names_and_stop_words():
+    p = parse({"min_length": np.array([2], dtype=np.int32), "max_tokens": np.array([5], dtype=np.int32),
+               "stop_words": np.array([b"foo", b"bar"], dtype=np.object_), "seed": np.array([7], dtype=np.uint64)})
+    assert p.sampling.min_tokens == 2 and p.sampling.stop == ("foo", "bar") and p.sampling.seed == 7
+
+
+def test_triton_internal_parameters_are_ignored():
+    assert parse({}, {"triton_enable_empty_final_response": True}).sampling.max_tokens == 16
+
+
+@pytest.mark.parametrize(
+    "tensors, params, message",
+    [
+        ({"text_input": text("")}, {}, "text_input is empty"),
+        ({"text_input": text(b"\xff\xfe")}, {}, "not valid UTF-8"),
+        ({"text_input": np.array([b"a", b"b"], dtype=np.object_)}, {}, "exactly one element"),
+        ({"sampling_parameters": text("{not json")}, {}, "not valid JSON"),
+        ({"sampling_parameters": text("[1, 2]")}, {}, "must be a JSON object"),
+        ({"sampling_parameters": text('{"max_tokenz": 3}')}, {}, "unknown key 'max_tokenz'"),
+        ({"sampling_parameters": text('{"max_tokens": "many"}')}, {}, "must be an integer"),
+        ({"sampling_parameters": text('{"max_tokens": true}')}, {}, "got a boolean"),
+        ({"sampling_parameters": text('{"max_tokens": 1.5}')}, {}, "must be an integer"),
+        ({"sampling_parameters": text('{"temperature": "hot"}')}, {}, "must be a number"),
+        ({"sampling_parameters": text('{"stop": 5}')}, {}, "list of strings"),
+        ({"max_tokens": np.array([0], dtype=np.int32)}, {}, "max_tokens must be >= 1"),
+        ({"max_tokens": np.array([-3], dtype=np.int32)}, {}, "max_tokens must be >= 1"),
+        ({"min_tokens": np.array([20], dtype=np.int32)}, {}, "min_tokens must be between"),
+        ({"temperature": np.array([-0.5], dtype=np.float32)}, {}, "temperature must be >= 0"),
+        ({"temperature": np.array([np.nan], dtype=np.float32)}, {}, "must be finite"),
+        ({"top_p": np.array([0.0], dtype=np.float32)}, {}, "top_p must be in (0, 1]"),
+        ({"top_p": np.array([1.5], dtype=np.float32)}, {}, "top_p must be in (0, 1]"),
+        ({"top_k": np.array([-1], dtype=np.int32)}, {}, "top_k must be >= 0"),
+        ({"priority": np.array([5], dtype=np.int32)}, {}, "priority must be one of"),
+        ({"slo_ms": np.array([0], dtype=np.int32)}, {}, "slo_ms must be >= 1"),
+        ({"stream": np.array([True]), "exclude_input_in_output": np.array([False])}, {}, "not allowed when streaming"),
+        ({}, {"bogus": 1}, "unknown key 'bogus' in parameters"),
+        ({"sampling_parameters": text('{"seed": -1}')}, {}, "seed must be in"),
+    ],
+)
+def test_bad_input_names_what_is_wrong(tensors, params, message):
+    with pytest.raises(InvalidInput, match=None) as info:
+        parse(tensors, params)
+    assert message in str(info.value)
+
+
+def test_missing_prompt():
+    with pytest.raises(InvalidInput, match="text_input is required"):
+        parse_request({}, {}, 16, 1.0)
+
+
+def test_lengths_must_fit_the_context():
+    check_lengths(10, 90, 100)
+    with pytest.raises(InvalidInput, match="longer than the context"):
+        check_lengths(100, 1, 100)
+    with pytest.raises(InvalidInput, match="beyond the context"):
+        check_lengths(10, 91, 100)
