@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from bucketserve_client import bench
 from bucketserve_client.client import BucketServeClient, BucketServeError
 from bucketserve_client.perf_tools import perf_analyzer_command
 
@@ -23,7 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--model", default="bucketserve")
     pa = sub.add_parser("perf-analyzer", help="run perf_analyzer with the libraries it needs on LD_LIBRARY_PATH")
     pa.add_argument("args", nargs=argparse.REMAINDER, help="perf_analyzer's own arguments, after --")
+    b = sub.add_parser("bench", help="output tokens/s at fixed concurrencies (shared/PEERS.md workload)")
+    bench.add_arguments(b)
     args = p.parse_args(argv)
+    if args.command == "bench":
+        return bench.main(args)
     if args.command == "perf-analyzer":
         exe, env = perf_analyzer_command()
         rest = args.args[1:] if args.args[:1] == ["--"] else args.args

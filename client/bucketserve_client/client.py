@@ -84,18 +84,19 @@ class BucketServeClient:
         results: queue.Queue = queue.Queue()
         client = grpcclient.InferenceServerClient(self.url)
         client.start_stream(callback=lambda result, error: results.put((result, error)))
+        finished = False
         try:
             client.async_stream_infer(self.model, build_inputs(prompt, stream, sampling, echo),
                                       enable_empty_final_response=True)
-            while True:
+            while not finished:
                 result, error = results.get()
                 if error is not None:
                     raise _error(error)
+                finished = is_final(result)
                 yield result
-                if is_final(result):
-                    return
         finally:
-            client.stop_stream(cancel_requests=True)
+            # a caller that stops iterating early cancels its request on the server
+            client.stop_stream(cancel_requests=not finished)
             client.close()
 
     def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
@@ -131,12 +132,12 @@ class AsyncBucketServeClient:
                    "enable_empty_final_response": True}
 
         try:
+            # read to the end: the server closes the stream after the final response, and a stream
+            # abandoned half-way keeps the model from unloading until Triton's exit timeout
             async for result, error in client.stream_infer(requests()):
                 if error is not None:
                     raise _error(error)
                 yield result
-                if is_final(result):
-                    return
         finally:
             await client.close()
 
