@@ -34,6 +34,8 @@ class EngineConfig:
     """Most sequences in the running (decode) set at once."""
     max_prefill_tokens: int = 8192
     """Most padded tokens (batch size x longest prompt) in one prefill batch."""
+    kv_cache_growth: int = 64
+    """Spare positions each KV slab keeps, so decode steps write in place; regrown when used up."""
     max_model_len: int = 0
     """Longest prompt + output in tokens; 0 takes the model's max_position_embeddings."""
     default_max_tokens: int = 16
@@ -46,7 +48,7 @@ class EngineConfig:
     """How often the response thread asks Triton whether clients cancelled their requests."""
 
     def __post_init__(self) -> None:
-        positive = ("max_num_seqs", "max_prefill_tokens", "default_max_tokens", "cancel_poll_ms")
+        positive = ("max_num_seqs", "max_prefill_tokens", "kv_cache_growth", "default_max_tokens", "cancel_poll_ms")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"parameter {name} must be >= 1, got {getattr(self, name)}")

@@ -4,25 +4,73 @@ A padded (transformers) model keeps one KV tensor per layer of shape
 ``[batch, kv_heads, length, head_dim]``. Sequences of different lengths share it by left padding,
 with an attention mask marking real positions. Continuous batching needs three operations on it:
 ``merge`` newly prefilled rows in (left-padding whichever side is shorter), ``select`` the rows
-that are still running, and ``compact`` away leading columns that no row uses any more, so the
+that are still running, and ``compact`` away leading columns no row uses any more, so the
 padding a long sequence caused leaves with it.
+
+Each layer lives in a slab with spare room at the end, so a decode step writes its token in place.
+transformers' own DynamicLayer concatenates every step, copying the whole cache once per token:
+at 64 sequences of ~500 tokens that copy made a decode step 2.6x slower than at 32.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class SlabLayer(DynamicLayer):
+    """One layer's keys and values in zero-initialised buffers with ``growth`` spare positions.
+
+    ``keys`` and ``values`` are views of the filled part, as transformers expects of a layer.
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, growth: int):
+        super().__init__()
+        self.growth = growth
+        self.place(keys, values)
+
+    def place(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Copy ``keys``/``values`` into fresh slabs with spare room after them."""
+        b, h, n, _ = keys.shape
+        self.slab_k = keys.new_zeros((b, h, n + self.growth, keys.shape[-1]))
+        self.slab_v = values.new_zeros((b, values.shape[1], n + self.growth, values.shape[-1]))
+        self.slab_k[:, :, :n] = keys
+        self.slab_v[:, :, :n] = values
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self._set_length(n)
+
+    def _set_length(self, n: int) -> None:
+        self.length = n
+        self.keys = self.slab_k[:, :, :n]
+        self.values = self.slab_v[:, :, :n]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self.slab_k.shape[-2]:
+            self.place(self.keys, self.values)
+        self.slab_k[:, :, self.length:end] = key_states
+        self.slab_v[:, :, self.length:end] = value_states
+        self._set_length(end)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def nbytes(self) -> int:
+        return self.slab_k.nbytes + self.slab_v.nbytes
 
 
 class PaddedKVCache:
-    """KV tensors of the running set plus the mask of which positions are real."""
+    """KV slabs of the running set plus the mask of which positions are real."""
 
-    def __init__(self, cache: DynamicCache, mask: torch.Tensor):
+    def __init__(self, cache: Cache, mask: torch.Tensor, growth: int = 64):
         for layer in cache.layers:
-            if type(layer).__name__ != "DynamicLayer":
+            if type(layer) is not DynamicLayer:
                 raise ValueError(f"unsupported KV cache layer {type(layer).__name__}: only full-attention models")
-        self.cache = cache
+        self.layers = [SlabLayer(layer.keys, layer.values, growth) for layer in cache.layers]
+        self.cache = Cache(layers=self.layers)
         self.mask = mask
 
     @property
@@ -43,48 +91,28 @@ class PaddedKVCache:
         self.mask = torch.cat([self.mask, ones], dim=1)
         return self.mask
 
-    def _left_pad(self, extra: int) -> None:
-        if extra <= 0:
-            return
-        for layer in self.cache.layers:
-            layer.keys = F.pad(layer.keys, (0, 0, extra, 0))
-            layer.values = F.pad(layer.values, (0, 0, extra, 0))
-        self.mask = F.pad(self.mask, (extra, 0))
-
     def merge(self, other: "PaddedKVCache") -> None:
         """Append ``other``'s rows after ours, left-padding the shorter side to a common length."""
         length = max(self.length, other.length)
-        self._left_pad(length - self.length)
-        other._left_pad(length - other.length)
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
-            mine.values = torch.cat([mine.values, theirs.values], dim=0)
-        self.mask = torch.cat([self.mask, other.mask], dim=0)
+        mine_pad, theirs_pad = length - self.length, length - other.length
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.place(torch.cat([F.pad(mine.keys, (0, 0, mine_pad, 0)), F.pad(theirs.keys, (0, 0, theirs_pad, 0))]),
+                       torch.cat([F.pad(mine.values, (0, 0, mine_pad, 0)),
+                                  F.pad(theirs.values, (0, 0, theirs_pad, 0))]))
+        self.mask = torch.cat([F.pad(self.mask, (mine_pad, 0)), F.pad(other.mask, (theirs_pad, 0))])
 
     def select(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (in that order), then drop the columns no remaining row uses."""
+        """Keep only ``rows`` (in that order) and drop the leading columns none of them uses."""
         index = torch.tensor(rows, dtype=torch.long, device=self.mask.device)
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
-        self.mask = self.mask.index_select(0, index)
-        self.compact()
-
-    def compact(self) -> None:
-        """Drop leading columns that are padding in every row."""
-        if self.batch_size == 0:
-            return
-        leading = int((self.mask.cumsum(dim=1) == 0).sum(dim=1).min())
-        if leading == 0:
-            return
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[:, :, leading:, :].contiguous()
-            layer.values = layer.values[:, :, leading:, :].contiguous()
-        self.mask = self.mask[:, leading:].contiguous()
+        mask = self.mask.index_select(0, index)
+        lead = int((mask.cumsum(dim=1) == 0).sum(dim=1).min()) if rows else 0
+        for layer in self.layers:
+            layer.place(layer.keys.index_select(0, index)[:, :, lead:], layer.values.index_select(0, index)[:, :, lead:])
+        self.mask = mask[:, lead:].contiguous()
 
     def nbytes(self) -> int:
-        """Bytes held by the KV tensors, padding included: what the memory budget must cover."""
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.cache.layers)
+        """Bytes held by the KV slabs, padding and spare room included: what a memory budget must cover."""
+        return sum(layer.nbytes() for layer in self.layers)
 
     def padding_ratio(self) -> float:
         """Share of cached positions that are padding."""

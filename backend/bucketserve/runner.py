@@ -25,11 +25,12 @@ class Runner:
     """Owns the model and the running set's KV cache; rows stay in the order they were added."""
 
     def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", num_threads: int = 0,
-                 log: Callable[[str], None] = print):
+                 kv_cache_growth: int = 64, log: Callable[[str], None] = print):
         if not os.path.isfile(os.path.join(model_path, "config.json")):
             raise FileNotFoundError(f"{model_path} is not a Hugging Face model directory (no config.json)")
         torch.set_num_threads(num_threads or os.cpu_count() or 1)
         self.device = pick_device(device)
+        self.kv_cache_growth = kv_cache_growth
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         kwargs = {} if dtype == "auto" else {"dtype": DTYPES[dtype]}
         self.model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs).to(self.device).eval()
@@ -63,7 +64,7 @@ class Runner:
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
-        kv = PaddedKVCache(out.past_key_values, mask)
+        kv = PaddedKVCache(out.past_key_values, mask, self.kv_cache_growth)
         if self.kv is None or self.kv.batch_size == 0:
             self.kv = kv
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator
 
@@ -79,10 +80,19 @@ class BucketServeClient:
     def __init__(self, url: str = "localhost:8001", model: str = "bucketserve"):
         self.url = url
         self.model = model
+        self._local = threading.local()
+
+    def _client(self) -> grpcclient.InferenceServerClient:
+        """One channel per thread: a tritonclient client serves one stream at a time, and a new
+        channel per call costs more than a small request's whole round trip."""
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = grpcclient.InferenceServerClient(self.url)
+        return client
 
     def _responses(self, prompt: str, stream: bool, sampling: dict[str, Any], echo: bool = False) -> Iterator[Any]:
         results: queue.Queue = queue.Queue()
-        client = grpcclient.InferenceServerClient(self.url)
+        client = self._client()
         client.start_stream(callback=lambda result, error: results.put((result, error)))
         finished = False
         try:
@@ -97,7 +107,6 @@ class BucketServeClient:
         finally:
             # a caller that stops iterating early cancels its request on the server
             client.stop_stream(cancel_requests=not finished)
-            client.close()
 
     def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
         """Yield text deltas as the server generates them."""

@@ -60,7 +60,7 @@ class TritonPythonModel:
                 f"default model not found at {path}: run `bucketserve build-model {path}` or set model_path")
         self.logger.log_info(f"[bucketserve] loading {path} ({source}); model dir {model_dir}")
         self.runner = Runner(path, self.config.device, self.config.dtype, self.config.num_threads,
-                             log=lambda m: self.logger.log_info(f"[bucketserve] {m}"))
+                             self.config.kv_cache_growth, log=lambda m: self.logger.log_info(f"[bucketserve] {m}"))
         self.max_model_len = self.config.max_model_len or self.runner.max_position_embeddings
         scheduler = Scheduler(POLICIES[self.config.scheduler_policy](), self.config.max_num_seqs,
                               self.config.max_prefill_tokens)
