@@ -70,6 +70,15 @@ def _fields(result: Any) -> tuple[str, str | None, int | None, int | None]:
     )
 
 
+def completion(responses: list[tuple[str, str | None, int | None, int | None]]) -> Completion:
+    """Fold the responses of one request (one, unless a server splits them) into a Completion."""
+    text = "".join(r[0] for r in responses)
+    reason = next((r[1] for r in reversed(responses) if r[1] is not None), None)
+    n_in = next((r[2] for r in responses if r[2] is not None), None)
+    n_out = sum(r[3] or 0 for r in responses)
+    return Completion(text, reason, n_in, n_out)
+
+
 def _error(error: InferenceServerException) -> BucketServeError:
     return BucketServeError(error.message(), error.status())
 
@@ -117,12 +126,7 @@ class BucketServeClient:
 
     def generate(self, prompt: str, echo: bool = False, **sampling: Any) -> Completion:
         """One request, one response: the whole completion (after the prompt, if ``echo``)."""
-        pieces, reason, n_in, n_out = [], None, None, 0
-        for result in self._responses(prompt, False, sampling, echo):
-            text, r, i, o = _fields(result)
-            pieces.append(text)
-            reason, n_in, n_out = r or reason, i if i is not None else n_in, n_out + (o or 0)
-        return Completion("".join(pieces), reason, n_in, n_out)
+        return completion([_fields(r) for r in self._responses(prompt, False, sampling, echo)])
 
 
 class AsyncBucketServeClient:
@@ -157,9 +161,4 @@ class AsyncBucketServeClient:
                 yield text
 
     async def generate(self, prompt: str, echo: bool = False, **sampling: Any) -> Completion:
-        pieces, reason, n_in, n_out = [], None, None, 0
-        async for result in self._responses(prompt, False, sampling, echo):
-            text, r, i, o = _fields(result)
-            pieces.append(text)
-            reason, n_in, n_out = r or reason, i if i is not None else n_in, n_out + (o or 0)
-        return Completion("".join(pieces), reason, n_in, n_out)
+        return completion([_fields(r) async for r in self._responses(prompt, False, sampling, echo)])
