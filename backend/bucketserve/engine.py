@@ -100,17 +100,20 @@ class Engine:
 
     def _step(self) -> None:
         events: list[Event] = []
-        aborted = {r.id: self._aborted[r.id] for r in self.scheduler.running if r.id in self._aborted}
-        self._aborted.clear()
-        events += [Event(r, [], aborted[r.id]) for r in self.scheduler.running if r.id in aborted]
-        self._retire(aborted)
-        batch = self.scheduler.next_prefill()
-        if batch:
-            self._retire(self._advance(batch, self.runner.prefill(batch), events))
-        if self.scheduler.running:
-            self._retire(self._advance(self.scheduler.running, self.runner.decode(), events))
-        if events:
-            self.emit(events)
+        try:
+            aborted = {r.id: self._aborted[r.id] for r in self.scheduler.running if r.id in self._aborted}
+            self._aborted.clear()
+            events += [Event(r, [], aborted[r.id]) for r in self.scheduler.running if r.id in aborted]
+            self._retire(aborted)
+            batch = self.scheduler.next_prefill()
+            if batch:
+                self._retire(self._advance(batch, self.runner.prefill(batch), events))
+            if self.scheduler.running:
+                self._retire(self._advance(self.scheduler.running, self.runner.decode(), events))
+        finally:
+            # also when the step fails: requests it already finished must get their final event
+            if events:
+                self.emit(events)
 
     def _advance(self, requests: list[Request], tokens: list[int], events: list[Event]) -> dict[int, FinishReason]:
         """Record one new token per request; return the requests that are now done."""

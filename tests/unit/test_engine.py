@@ -150,8 +150,26 @@ def test_a_failed_step_fails_its_requests_once_and_the_engine_keeps_serving(engi
     for r in victims:
         finals = engine.collector.finals[r.id]
         assert len(finals) == 1 and finals[0].finish is FinishReason.ERROR and finals[0].error
+
     assert runner.kv_bytes() == 0
     after = make(runner, PROMPTS[2], max_tokens=10)
     engine.submit(after)
     engine.collector.wait([after.id])
     assert engine.collector.tokens[after.id] == reference(after.prompt_ids, 10)
+
+
+def test_a_request_finished_by_prefill_gets_its_final_even_if_that_steps_decode_fails(runner, monkeypatch):
+    def broken_decode():
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(runner, "decode", broken_decode)
+    collector = Collector()
+    engine = Engine(runner, Scheduler(FCFSPolicy(), max_num_seqs=4, max_prefill_tokens=600), collector)
+    survivor, victim = make(runner, "a", max_tokens=1), make(runner, "b", max_tokens=50)
+    engine.submit(survivor)
+    engine.submit(victim)
+    engine.start()  # both are drained before the first step, so they share its prefill batch
+    collector.wait([survivor.id, victim.id])
+    engine.stop()
+    assert [e.finish for e in collector.finals[survivor.id]] == [FinishReason.LENGTH]
+    assert [e.finish for e in collector.finals[victim.id]] == [FinishReason.ERROR]
