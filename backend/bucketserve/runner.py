@@ -49,6 +49,12 @@ class Runner:
             f"on {self.device} with {torch.get_num_threads()} threads")
 
     def tokenize(self, text: str) -> list[int]:
+        """Prompt ids with the model's special tokens. Fast tokenizers encode through their Rust
+        object directly: ``tokenizer(text)`` may reconfigure it (a mutable borrow) while the
+        response thread is decoding with it, which fails with "Already borrowed"."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            return backend.encode(text).ids
         return self.tokenizer(text).input_ids
 
     @torch.inference_mode()

@@ -87,9 +87,11 @@ def build_command(model_repository: Path, backend_tmp: Path, http_port: int, grp
     return ServerCommand(argv, server_environment(root))
 
 
-def is_ready(http_port: int) -> bool:
+def is_ready(address: str, http_port: int) -> bool:
+    host = "127.0.0.1" if address in ("0.0.0.0", "::", "") else address
+    host = f"[{host}]" if ":" in host else host
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=2) as r:
+        with urllib.request.urlopen(f"http://{host}:{http_port}/v2/health/ready", timeout=2) as r:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
@@ -131,7 +133,7 @@ def serve(model_repository: Path, model_path: Path | None, http_port: int, grpc_
             signal.signal(sig, forward)
 
         deadline = time.monotonic() + ready_timeout
-        while not is_ready(http_port):
+        while not is_ready(address, http_port):
             if proc.poll() is not None:
                 time.sleep(0.2)  # let the pump catch the last lines
                 print(f"[bucketserve] ERROR: tritonserver exited with code {proc.returncode} before READY:\n"

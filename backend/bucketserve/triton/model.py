@@ -53,12 +53,11 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException("bucketserve needs model_transaction_policy { decoupled: true }")
         params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
         self.config = EngineConfig.from_parameters(params)
-        model_dir = f"{args['model_repository']}/{args['model_version']}"
         path, source = self.config.resolve_model_path(args["model_repository"], str(default_model_dir()))
         if source == "default model" and not is_built(path):
             raise pb_utils.TritonModelException(
                 f"default model not found at {path}: run `bucketserve build-model {path}` or set model_path")
-        self.logger.log_info(f"[bucketserve] loading {path} ({source}); model dir {model_dir}")
+        self.logger.log_info(f"[bucketserve] loading {path} ({source})")
         self.runner = Runner(path, self.config.device, self.config.dtype, self.config.num_threads,
                              self.config.kv_cache_growth, log=lambda m: self.logger.log_info(f"[bucketserve] {m}"))
         self.max_model_len = self.config.max_model_len or self.runner.max_position_embeddings
@@ -86,6 +85,11 @@ class TritonPythonModel:
                 request = self._parse(triton_request)
             except InvalidInput as e:
                 sender.send(error_response(str(e), pb_utils.TritonError.INVALID_ARG), flags=FINAL)
+                continue
+            except Exception as e:  # the one final response is owed even when parsing breaks
+                self.logger.log_error(f"[bucketserve] failed to parse a request: {type(e).__name__}: {e}")
+                sender.send(error_response(f"failed to parse the request: {e}", pb_utils.TritonError.INTERNAL),
+                            flags=FINAL)
                 continue
             self.responses.register(request, sender)
             self.engine.submit(request)

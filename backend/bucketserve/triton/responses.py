@@ -89,9 +89,9 @@ class ResponseThread:
                 self._streams[item.request.id] = item
             elif kind == "events":
                 for event in item:
-                    self._safely(self._on_event, event)
+                    self._handle(event)
             if time.monotonic() >= next_poll:
-                self._safely(self._poll_cancelled)
+                self._poll_cancelled()
                 self._safely(self.on_tick)
                 next_poll = time.monotonic() + self.poll_s
 
@@ -100,6 +100,18 @@ class ResponseThread:
             fn(*args)
         except Exception as e:  # a failed send must not stop responses to everyone else
             self.log(f"response thread: {type(e).__name__}: {e}")
+
+    def _handle(self, event: Event) -> None:
+        """Answer one engine event; if that fails, end its request with one INTERNAL error."""
+        try:
+            self._on_event(event)
+        except Exception as e:
+            self.log(f"response thread: request {event.request.id}: {type(e).__name__}: {e}")
+            stream = self._streams.get(event.request.id)
+            if stream is not None and not stream.done:
+                self.engine.abort(stream.request.id)
+                self._safely(self._send, stream, error_response(f"failed to build the response: {e}",
+                                                                pb_utils.TritonError.INTERNAL), True)
 
     def _send(self, stream: ClientStream, response: Any, final: bool) -> None:
         if final:
@@ -138,6 +150,9 @@ class ResponseThread:
 
     def _poll_cancelled(self) -> None:
         for stream in list(self._streams.values()):
-            if stream.sender.is_cancelled():
-                self._send(stream, error_response("request was cancelled", pb_utils.TritonError.CANCELLED), final=True)
-                self.engine.abort(stream.request.id)
+            self._safely(self._cancel_if_asked, stream)
+
+    def _cancel_if_asked(self, stream: ClientStream) -> None:
+        if stream.sender.is_cancelled():
+            self.engine.abort(stream.request.id)
+            self._send(stream, error_response("request was cancelled", pb_utils.TritonError.CANCELLED), final=True)
