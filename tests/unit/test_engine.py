@@ -134,30 +134,33 @@ def test_max_tokens_bounds_length(engine, runner):
     assert engine.collector.finals[r.id][0].finish is FinishReason.LENGTH
 
 
-def test_a_failed_step_fails_its_requests_once_and_the_engine_keeps_serving(engine, runner, reference, monkeypatch):
+def test_a_failed_step_fails_its_requests_once_and_the_engine_keeps_serving(runner, reference, monkeypatch):
     real_decode = runner.decode
     calls = {"n": 0}
 
     def flaky_decode():
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 2:
             raise RuntimeError("injected failure")
         return real_decode()
 
     monkeypatch.setattr(runner, "decode", flaky_decode)
+    collector = Collector()
+    engine = Engine(runner, Scheduler(FCFSPolicy(), max_num_seqs=4, max_prefill_tokens=600), collector)
     victims = [make(runner, p, max_tokens=50) for p in PROMPTS[:2]]
     for r in victims:
         engine.submit(r)
-    engine.collector.wait([r.id for r in victims])
+    engine.start()  # both join the first step's prefill; the second step's decode fails
+    collector.wait([r.id for r in victims])
     for r in victims:
-        finals = engine.collector.finals[r.id]
+        finals = collector.finals[r.id]
         assert len(finals) == 1 and finals[0].finish is FinishReason.ERROR and finals[0].error
-
     assert runner.kv_bytes() == 0
     after = make(runner, PROMPTS[2], max_tokens=10)
     engine.submit(after)
-    engine.collector.wait([after.id])
-    assert engine.collector.tokens[after.id] == reference(after.prompt_ids, 10)
+    collector.wait([after.id])
+    engine.stop()
+    assert collector.tokens[after.id] == reference(after.prompt_ids, 10)
 
 
 def test_a_request_finished_by_prefill_gets_its_final_even_if_that_steps_decode_fails(runner, monkeypatch):
