@@ -3,9 +3,9 @@
 A padded (transformers) model keeps one KV tensor per layer of shape
 ``[batch, kv_heads, length, head_dim]``. Sequences of different lengths share it by left padding,
 with an attention mask marking real positions. Continuous batching needs three operations on it:
-``merge`` newly prefilled rows in (left-padding whichever side is shorter), ``select`` the rows
-that are still running, and ``compact`` away leading columns no row uses any more, so the
-padding a long sequence caused leaves with it.
+``merge`` newly prefilled rows in (left-padding whichever side is shorter), and ``select`` the rows
+that are still running, dropping leading columns no remaining row uses, so the padding a long
+sequence caused leaves with it.
 
 Each layer lives in a slab with spare room at the end, so a decode step writes its token in place.
 transformers' own DynamicLayer concatenates every step, copying the whole cache once per token:
@@ -28,16 +28,23 @@ class SlabLayer(DynamicLayer):
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, growth: int):
         super().__init__()
         self.growth = growth
-        self.place(keys, values)
+        self.place([(keys, values)])
 
-    def place(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Copy ``keys``/``values`` into fresh slabs with spare room after them."""
-        b, h, n, _ = keys.shape
-        self.slab_k = keys.new_zeros((b, h, n + self.growth, keys.shape[-1]))
-        self.slab_v = values.new_zeros((b, values.shape[1], n + self.growth, values.shape[-1]))
-        self.slab_k[:, :, :n] = keys
-        self.slab_v[:, :, :n] = values
-        self.dtype, self.device = keys.dtype, keys.device
+    def place(self, groups: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy row groups (keys, values) one after another into fresh slabs, each group
+        right-aligned (left-padded) to the longest, with spare room after: one copy per merge."""
+        k0, v0 = groups[0]
+        n = max(k.shape[-2] for k, _ in groups)
+        b = sum(k.shape[0] for k, _ in groups)
+        self.slab_k = k0.new_zeros((b, k0.shape[1], n + self.growth, k0.shape[-1]))
+        self.slab_v = v0.new_zeros((b, v0.shape[1], n + self.growth, v0.shape[-1]))
+        row = 0
+        for keys, values in groups:
+            rows, start = slice(row, row + keys.shape[0]), n - keys.shape[-2]
+            self.slab_k[rows, :, start:n] = keys
+            self.slab_v[rows, :, start:n] = values
+            row += keys.shape[0]
+        self.dtype, self.device = k0.dtype, k0.device
         self.is_initialized = True
         self._set_length(n)
 
@@ -49,7 +56,7 @@ class SlabLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         end = self.length + key_states.shape[-2]
         if end > self.slab_k.shape[-2]:
-            self.place(self.keys, self.values)
+            self.place([(self.keys, self.values)])
         self.slab_k[:, :, self.length:end] = key_states
         self.slab_v[:, :, self.length:end] = value_states
         self._set_length(end)
@@ -96,9 +103,7 @@ class PaddedKVCache:
         length = max(self.length, other.length)
         mine_pad, theirs_pad = length - self.length, length - other.length
         for mine, theirs in zip(self.layers, other.layers):
-            mine.place(torch.cat([F.pad(mine.keys, (0, 0, mine_pad, 0)), F.pad(theirs.keys, (0, 0, theirs_pad, 0))]),
-                       torch.cat([F.pad(mine.values, (0, 0, mine_pad, 0)),
-                                  F.pad(theirs.values, (0, 0, theirs_pad, 0))]))
+            mine.place([(mine.keys, mine.values), (theirs.keys, theirs.values)])
         self.mask = torch.cat([F.pad(self.mask, (mine_pad, 0)), F.pad(other.mask, (theirs_pad, 0))])
 
     def select(self, rows: list[int]) -> None:
@@ -107,7 +112,7 @@ class PaddedKVCache:
         mask = self.mask.index_select(0, index)
         lead = int((mask.cumsum(dim=1) == 0).sum(dim=1).min()) if rows else 0
         for layer in self.layers:
-            layer.place(layer.keys.index_select(0, index)[:, :, lead:], layer.values.index_select(0, index)[:, :, lead:])
+            layer.place([(layer.keys.index_select(0, index)[:, :, lead:], layer.values.index_select(0, index)[:, :, lead:])])
         self.mask = mask[:, lead:].contiguous()
 
     def nbytes(self) -> int:

@@ -71,7 +71,7 @@ class Runner:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
         kv = PaddedKVCache(out.past_key_values, mask, self.kv_cache_growth)
-        if self.kv is None or self.kv.batch_size == 0:
+        if self.kv is None:  # keep() drops the cache when the running set empties
             self.kv = kv
         else:
             self.kv.merge(kv)
