@@ -43,7 +43,6 @@ def make_prompts(tokenizer, count: int, low: int, high: int, seed: int) -> list[
 
 @dataclass(frozen=True)
 class RunResult:
-    concurrency: int
     requests: int
     output_tokens: int
     seconds: float
@@ -74,7 +73,7 @@ def run_once(client: BucketServeClient, prompts: list[str], concurrency: int, ou
         results = list(pool.map(one, prompts))
     seconds = time.perf_counter() - start
     print(file=sys.stderr)
-    return RunResult(concurrency, len(prompts), sum(n for n, _ in results), seconds, [lat for _, lat in results])
+    return RunResult(len(prompts), sum(n for n, _ in results), seconds, [lat for _, lat in results])
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

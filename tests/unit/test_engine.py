@@ -45,6 +45,12 @@ class Collector:
             assert self.done.wait_for(lambda: all(i in self.finals for i in ids), timeout)
 
 
+def new_engine(runner: Runner, max_num_seqs: int = 4) -> tuple[Engine, Collector]:
+    """An engine (not started) whose events go to a fresh Collector."""
+    collector = Collector()
+    return Engine(runner, Scheduler(FCFSPolicy(), max_num_seqs=max_num_seqs, max_prefill_tokens=600), collector), collector
+
+
 @pytest.fixture(scope="module")
 def runner(model_dir):
     return Runner(str(model_dir), device="cpu", log=lambda _m: None)
@@ -52,9 +58,7 @@ def runner(model_dir):
 
 @pytest.fixture
 def engine(runner):
-    collector = Collector()
-    engine = Engine(runner, Scheduler(FCFSPolicy(), max_num_seqs=4, max_prefill_tokens=600), collector)
-    engine.collector = collector
+    engine, engine.collector = new_engine(runner)
     engine.start()
     yield engine
     engine.stop()
@@ -97,8 +101,7 @@ def test_abort_frees_the_sequence(engine, runner):
 
 
 def test_abort_while_waiting_ends_the_request(runner):
-    collector = Collector()
-    engine = Engine(runner, Scheduler(FCFSPolicy(), max_num_seqs=1, max_prefill_tokens=600), collector)
+    engine, collector = new_engine(runner, max_num_seqs=1)
     first, second = make(runner, "a", max_tokens=200), make(runner, "b", max_tokens=5)
     engine.submit(first)
     engine.submit(second)
@@ -145,8 +148,7 @@ def test_a_failed_step_fails_its_requests_once_and_the_engine_keeps_serving(runn
         return real_decode()
 
     monkeypatch.setattr(runner, "decode", flaky_decode)
-    collector = Collector()
-    engine = Engine(runner, Scheduler(FCFSPolicy(), max_num_seqs=4, max_prefill_tokens=600), collector)
+    engine, collector = new_engine(runner)
     victims = [make(runner, p, max_tokens=50) for p in PROMPTS[:2]]
     for r in victims:
         engine.submit(r)
@@ -168,8 +170,7 @@ def test_a_request_finished_by_prefill_gets_its_final_even_if_that_steps_decode_
         raise RuntimeError("injected failure")
 
     monkeypatch.setattr(runner, "decode", broken_decode)
-    collector = Collector()
-    engine = Engine(runner, Scheduler(FCFSPolicy(), max_num_seqs=4, max_prefill_tokens=600), collector)
+    engine, collector = new_engine(runner)
     survivor, victim = make(runner, "a", max_tokens=1), make(runner, "b", max_tokens=50)
     engine.submit(survivor)
     engine.submit(victim)
