@@ -19,6 +19,14 @@ class ConfigError(ValueError):
     """A config.pbtxt parameter is unknown or has a bad value."""
 
 
+def _convert(kind: type, raw: str) -> object:
+    if kind is bool:
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(raw)
+        return raw.lower() in ("true", "1")
+    return raw if kind is str else kind(raw)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_path: str = ""
@@ -42,8 +50,31 @@ class EngineConfig:
     """Output tokens when a request names none (vLLM's default)."""
     default_temperature: float = 1.0
     """Temperature when a request names none (vLLM's default); 0 is greedy."""
-    scheduler_policy: str = "fcfs"
-    """Admission policy for prefill batches."""
+    scheduler_policy: str = "bucket"
+    """`bucket` (BucketServe), `continuous` (FCFS continuous batching) or `fcfs_static` (batch to completion)."""
+    kv_cache_bytes: int = 0
+    """M_remaining for the KV cache in bytes; 0 measures it (CUDA: free memory after loading and a
+    worst-case forward; CPU: kv_cache_memory_fraction of available RAM)."""
+    kv_cache_memory_fraction: float = 0.3
+    """On the CPU, the share of available RAM taken as M_remaining when kv_cache_bytes is 0."""
+    kv_safety: float = 0.9
+    """M_safe = kv_safety x M_remaining: the KV bytes admission never lets the running set exceed."""
+    bucket_theta: float = 0.5
+    """A bucket splits when more than this share of its requests fall in one half (the paper's theta)."""
+    bucket_merge_ratio: float = 0.5
+    """Buckets merge back into one when fewer than this x N_max requests wait; 1.0 is the paper's rule."""
+    bucket_symmetric_split: bool = False
+    """Also split a bucket when its upper half is crowded (the paper only splits for the lower half)."""
+    bucket_min_width: int = 16
+    """Buckets narrower than twice this many tokens do not split."""
+    max_queue_delay_ms: float = 10.0
+    """A bucket that cannot fill its batch waits at most this long while the engine is busy."""
+    offline_order: str = "sjf"
+    """Offline requests (priority 1): `sjf` (shortest job first) or `ljf` (longest job first)."""
+    aging_ms: float = 2000.0
+    """Each aging_ms a request waits lifts it one class (offline -> online -> urgent): nothing starves."""
+    deadline_urgency: float = 0.5
+    """A request with slo_ms jumps the queue once this share of its slo_ms has passed."""
     cancel_poll_ms: int = 50
     """How often the response thread asks Triton whether clients cancelled their requests."""
 
@@ -55,6 +86,16 @@ class EngineConfig:
         for name in ("num_threads", "max_model_len"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"parameter {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("kv_cache_bytes", "max_queue_delay_ms"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"parameter {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("kv_cache_memory_fraction", "kv_safety", "bucket_theta", "bucket_merge_ratio", "deadline_urgency"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ConfigError(f"parameter {name} must be in (0, 1], got {getattr(self, name)}")
+        if self.bucket_min_width < 1 or self.aging_ms <= 0:
+            raise ConfigError("parameters bucket_min_width and aging_ms must be > 0")
+        if self.offline_order not in ("sjf", "ljf"):
+            raise ConfigError(f"parameter offline_order must be sjf or ljf, got {self.offline_order!r}")
         if self.default_temperature < 0:
             raise ConfigError(f"parameter default_temperature must be >= 0, got {self.default_temperature}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -74,7 +115,7 @@ class EngineConfig:
                 raise ConfigError(f"unknown parameter {key!r}; known: {', '.join(sorted(known))}")
             kind = type(getattr(cls, key))
             try:
-                values[key] = kind(raw.strip()) if kind is not str else raw.strip()
+                values[key] = _convert(kind, raw.strip())
             except ValueError:
                 raise ConfigError(f"parameter {key} must be {kind.__name__}, got {raw!r}") from None
         return cls(**values)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Callable
 
+from bucketserve.monitor import Monitor, Snapshot
 from bucketserve.request import FinishReason, Request
 from bucketserve.runner import Runner
 from bucketserve.scheduler import Scheduler
@@ -28,28 +30,25 @@ class Event:
     error: str | None = None
 
 
-@dataclass(frozen=True)
-class EngineStats:
-    waiting: int = 0
-    running: int = 0
-    kv_bytes: int = 0
-    steps: int = 0
-
-
 Emit = Callable[[list[Event]], None]
 
 
 class Engine:
-    def __init__(self, runner: Runner, scheduler: Scheduler, emit: Emit, log: Callable[[str], None] = print):
+    def __init__(self, runner: Runner, scheduler: Scheduler, emit: Emit, log: Callable[[str], None] = print,
+                 monitor: Monitor | None = None):
         self.runner = runner
         self.scheduler = scheduler
-        self.emit = emit
+        self._emit_to = emit
         self.log = log
-        self.stats = EngineStats()
+        self.monitor = monitor or Monitor(scheduler.budget.budget_bytes)
         self._inbox: queue.Queue = queue.Queue()
         self._aborted: dict[int, FinishReason] = {}
         self._thread = threading.Thread(target=self._loop, name="bucketserve-engine", daemon=True)
         self._stopping = False
+
+    @property
+    def stats(self) -> Snapshot:
+        return self.monitor.snapshot()
 
     def start(self) -> None:
         self._thread.start()
@@ -73,7 +72,7 @@ class Engine:
                 return
             block = False
             if kind == "add":
-                self.scheduler.add(item)
+                self._add(item)
             elif kind == "abort":
                 request_id, reason = item
                 waiting = self.scheduler.remove_waiting(request_id)
@@ -85,18 +84,40 @@ class Engine:
             elif kind == "stop":
                 self._stopping = True
 
+    def emit(self, events: list[Event]) -> None:
+        for event in events:
+            if event.finish is not None:
+                self.monitor.on_finish(event.request)
+        self._emit_to(events)
+
+    def _add(self, request: Request) -> None:
+        self.monitor.on_arrival(request)
+        if self.scheduler.can_ever_run(request):
+            self.scheduler.add(request)
+            return
+        need, budget = self.scheduler.budget.reserved([request]), self.scheduler.budget.budget_bytes
+        request.finish(FinishReason.ERROR)
+        self.emit([Event(request, [], FinishReason.ERROR,
+                         error=f"prompt + max_tokens needs {need} bytes of KV cache, more than the budget of {budget}")])
+
     def _loop(self) -> None:
         while not self._stopping:
             self._drain_inbox(block=not self.scheduler.has_work())
             if self._stopping:
                 break
+            start = time.perf_counter()
             try:
                 self._step()
             except Exception:
                 self._fail_running(traceback.format_exc())
-            self.stats = EngineStats(len(self.scheduler.waiting), len(self.scheduler.running),
-                                     self.runner.kv_bytes(), self.stats.steps + 1)
+            self._record(time.perf_counter() - start)
         self._shutdown()
+
+    def _record(self, step_s: float) -> None:
+        s = self.scheduler
+        online = sum(1 for r in s.waiting if r.priority == 0)
+        self.monitor.on_step(step_s, s.last_select_s, (online, len(s.waiting) - online), len(s.running),
+                             self.runner.kv_bytes(), s.budget.reserved(s.running), s.buckets(), s.n_max())
 
     def _step(self) -> None:
         events: list[Event] = []
@@ -107,9 +128,15 @@ class Engine:
             self._retire(aborted)
             batch = self.scheduler.next_prefill()
             if batch:
-                self._retire(self._advance(batch, self.runner.prefill(batch), events))
+                self.monitor.on_prefill([r.prompt_len for r in batch])
+                tokens = self.runner.prefill(batch)
+                self.monitor.on_kv(self.runner.kv_bytes())
+                self._retire(self._advance(batch, tokens, events))
             if self.scheduler.running:
-                self._retire(self._advance(self.scheduler.running, self.runner.decode(), events))
+                tokens = self.runner.decode()
+                self.monitor.on_decode(*self.runner.last_decode_positions)
+                self.monitor.on_kv(self.runner.kv_bytes())
+                self._retire(self._advance(self.scheduler.running, tokens, events))
         finally:
             # also when the step fails: requests it already finished must get their final event
             if events:

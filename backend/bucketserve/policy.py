@@ -1,8 +1,14 @@
 """Admission policies: which waiting requests form the next prefill batch.
 
-The scheduler asks its policy once per engine step; the policy sees the waiting queue and the
-limits of this step and returns the requests to prefill, in batch order. The bucket policy of the
-BucketServe paper plugs in here beside the plain FCFS baseline.
+The scheduler asks its policy once per engine step. Every policy takes requests in its own order
+while they fit the step's limits: free slots in the running set, padded prefill tokens, and the
+KV budget (the running set plus the batch, each sequence reserved at prompt + max_tokens). It stops
+at the first request that does not fit, so nobody is overtaken by a smaller request behind it.
+
+- ``fcfs_static``: Triton's dynamic batcher on a padded model: arrival order, one batch runs to
+  completion before the next is formed.
+- ``continuous``: arrival order, joining the running set every step (vLLM-like admission).
+- ``bucket``: BucketServe: length buckets, one bucket per batch, priority and deadline order.
 """
 
 from __future__ import annotations
@@ -10,37 +16,140 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
+from bucketserve.buckets import Bucket, BucketManager, BucketRules
+from bucketserve.memory import KVBudget, final_length
 from bucketserve.request import Request
+
+ONLINE, OFFLINE = 0, 1
 
 
 @dataclass(frozen=True)
-class StepLimits:
+class StepContext:
+    now: float
+    running: Sequence[Request]
     free_slots: int
-    """How many more sequences the running set can take."""
     max_prefill_tokens: int
     """Padded tokens (batch size x longest prompt) one prefill batch may hold."""
+    budget: KVBudget
 
 
 class AdmissionPolicy(Protocol):
-    def select(self, waiting: Sequence[Request], limits: StepLimits) -> list[Request]: ...
+    def select(self, waiting: Sequence[Request], ctx: StepContext) -> list[Request]: ...
 
 
 def padded_tokens(batch: Sequence[Request]) -> int:
     return len(batch) * max((r.prompt_len for r in batch), default=0)
 
 
-class FCFSPolicy:
-    """Arrival order; stop at the first request that does not fit, so nobody is overtaken."""
+def fill(candidates: Sequence[Request], ctx: StepContext, limit: int | None = None) -> list[Request]:
+    """Take ``candidates`` in order while the batch fits; stop at the first that does not.
 
-    def select(self, waiting: Sequence[Request], limits: StepLimits) -> list[Request]:
-        batch: list[Request] = []
-        for request in waiting:
-            if len(batch) >= limits.free_slots:
-                break
-            if batch and padded_tokens([*batch, request]) > limits.max_prefill_tokens:
-                break
-            batch.append(request)
-        return batch
+    A lone request longer than ``max_prefill_tokens`` still runs (alone), or it would wait forever.
+    """
+    limit = ctx.free_slots if limit is None else min(limit, ctx.free_slots)
+    rows = len(ctx.running)
+    longest = max((final_length(r) for r in ctx.running), default=0)
+    batch: list[Request] = []
+    widest = 0
+    for request in candidates:
+        if len(batch) >= limit:
+            break
+        widest_next = max(widest, request.prompt_len)
+        if batch and (len(batch) + 1) * widest_next > ctx.max_prefill_tokens:
+            break
+        longest_next = max(longest, final_length(request))
+        if ctx.budget.footprint(rows + len(batch) + 1, longest_next) > ctx.budget.budget_bytes:
+            break
+        batch.append(request)
+        widest, longest = widest_next, longest_next
+    return batch
 
 
-POLICIES: dict[str, type] = {"fcfs": FCFSPolicy}
+class ContinuousPolicy:
+    """Arrival order, admitted into the running set as soon as it has room."""
+
+    def select(self, waiting: Sequence[Request], ctx: StepContext) -> list[Request]:
+        return fill(waiting, ctx)
+
+
+class StaticPolicy:
+    """Arrival order; the next batch forms only when the previous one has completely finished."""
+
+    def select(self, waiting: Sequence[Request], ctx: StepContext) -> list[Request]:
+        return [] if ctx.running else fill(waiting, ctx)
+
+
+@dataclass(frozen=True)
+class Ordering:
+    offline_order: str = "sjf"
+    """Offline requests: ``sjf`` (shortest job first: more requests/s) or ``ljf`` (longest: more tokens/s)."""
+    aging_ms: float = 2000.0
+    """Each aging_ms a request waits lifts it one class: offline -> online -> urgent."""
+    deadline_urgency: float = 0.5
+    """A request with slo_ms becomes urgent once this share of its slo_ms has passed."""
+
+    def rank(self, request: Request, now: float) -> tuple:
+        """Sort key; lower runs sooner. Classes: 0 urgent (earliest deadline first), 1 online
+        (oldest first), 2 offline (SJF or LJF). Waiting lifts a request a class per ``aging_ms``;
+        an aged request is urgent with a deadline of when it got there, so nothing starves."""
+        waited_ms = (now - request.arrival_time) * 1000
+        base = 1 if request.priority == ONLINE else 2
+        if request.slo_ms is not None and waited_ms >= self.deadline_urgency * request.slo_ms:
+            return (0, request.arrival_time + request.slo_ms / 1000, request.id)
+        tier = base - int(waited_ms // self.aging_ms)
+        if tier <= 0:
+            return (0, request.arrival_time + base * self.aging_ms / 1000, request.id)
+        if tier == 1:
+            return (1, request.arrival_time, request.id)
+        job = final_length(request)
+        return (2, job if self.offline_order == "sjf" else -job, request.arrival_time, request.id)
+
+
+class BucketPolicy:
+    """BucketServe: batches come from one length bucket at a time, sized by that bucket's N_max.
+
+    The bucket holding the highest-ranked request goes first (online: the oldest request). A bucket
+    dispatches when its batch is full (N_max, free slots or memory), when its oldest request has
+    waited ``max_queue_delay_ms``, when it holds an urgent request, or when the engine would idle.
+    """
+
+    def __init__(self, max_len: int, rules: BucketRules = BucketRules(), ordering: Ordering = Ordering(),
+                 max_queue_delay_ms: float = 0.0):
+        self.manager = BucketManager(max_len, rules)
+        self.ordering = ordering
+        self.max_queue_delay_s = max_queue_delay_ms / 1000
+        self.buckets: list[Bucket] = []
+        self.budget: KVBudget | None = None
+
+    def n_max(self, bucket: Bucket) -> int:
+        """From the bucket's upper bound and the largest max_tokens among its requests."""
+        assert self.budget is not None
+        out = max((r.sampling.max_tokens for r in bucket.requests), default=0)
+        return max(1, self.budget.n_max(bucket.up - 1 + out))
+
+    def select(self, waiting: Sequence[Request], ctx: StepContext) -> list[Request]:
+        self.budget = ctx.budget
+        self.buckets = self.manager.update(waiting, self.n_max)
+        ranked = []
+        for bucket in self.buckets:
+            if bucket.requests:
+                order = sorted(bucket.requests, key=lambda r: self.ordering.rank(r, ctx.now))
+                ranked.append((self.ordering.rank(order[0], ctx.now), bucket, order))
+        ranked.sort(key=lambda item: item[0])
+        for position, (top, bucket, order) in enumerate(ranked):
+            batch = fill(order, ctx, self.n_max(bucket))
+            if not batch:
+                if position == 0 and top[0] == 0:
+                    return []  # hold memory back for the most urgent request rather than let it starve
+                continue
+            if self._ready(bucket, batch, ctx, urgent=top[0] == 0):
+                return batch
+        return []
+
+    def _ready(self, bucket: Bucket, batch: list[Request], ctx: StepContext, urgent: bool) -> bool:
+        full = len(batch) < len(bucket.requests) or len(batch) >= self.n_max(bucket)
+        oldest = min(r.arrival_time for r in bucket.requests)
+        return full or urgent or not ctx.running or ctx.now - oldest >= self.max_queue_delay_s
+
+
+POLICIES = ("bucket", "continuous", "fcfs_static")

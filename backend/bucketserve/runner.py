@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from bucketserve.kv_cache import PaddedKVCache
+from bucketserve.memory import KVCostModel
 from bucketserve.request import Request
 from bucketserve.sampler import Sampler
 
@@ -44,9 +45,32 @@ class Runner:
         self.sampler = Sampler(self.device, self.eos_ids)
         self.kv: PaddedKVCache | None = None
         self.rows: list[Request] = []
+        self.last_decode_positions = (0, 0)
+        """(cached positions, padding positions) the last decode step attended to."""
         n_params = sum(p.numel() for p in self.model.parameters())
         log(f"loaded {config.model_type} ({n_params / 1e6:.1f}M parameters, {self.model.dtype}) "
             f"on {self.device} with {torch.get_num_threads()} threads")
+
+    def kv_cost(self) -> KVCostModel:
+        return KVCostModel.from_model_config(self.model.config, self.model.dtype.itemsize)
+
+    @torch.inference_mode()
+    def free_device_memory(self, max_prefill_tokens: int, max_len: int) -> int | None:
+        """CUDA: bytes free once the weights are loaded, less the activation peak of a worst-case
+        prefill (max_prefill_tokens tokens in rows of max_len), which every later prefill needs
+        again. None on the CPU."""
+        if self.device.type != "cuda":
+            return None
+        length = min(max_len, max_prefill_tokens)
+        rows = max(1, max_prefill_tokens // length)
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        ids = torch.full((rows, length), self.pad_token_id, dtype=torch.long, device=self.device)
+        self.model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        torch.cuda.empty_cache()
+        return max(0, torch.cuda.mem_get_info(self.device)[0] - peak)
 
     def tokenize(self, text: str) -> list[int]:
         """Prompt ids with the model's special tokens. Fast tokenizers encode through their Rust
@@ -85,6 +109,7 @@ class Runner:
         last = torch.tensor([[r.output_ids[-1]] for r in self.rows], dtype=torch.long, device=self.device)
         positions = self.kv.positions()
         mask = self.kv.append_column()
+        self.last_decode_positions = (mask.numel(), mask.numel() - int(mask.sum()))
         out = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
                          past_key_values=self.kv.cache, use_cache=True)
         return self.sampler(out.logits[:, -1, :], self.rows)

@@ -2,33 +2,86 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
-from bucketserve.policy import AdmissionPolicy, StepLimits
+from bucketserve.buckets import BucketRules
+from bucketserve.config import EngineConfig
+from bucketserve.memory import KVBudget, safe_budget
+from bucketserve.monitor import BucketView
+from bucketserve.policy import AdmissionPolicy, BucketPolicy, ContinuousPolicy, Ordering, StaticPolicy, StepContext
 from bucketserve.request import FinishReason, Request, Status
 
 
+def make_policy(config: EngineConfig, max_len: int) -> AdmissionPolicy:
+    if config.scheduler_policy == "continuous":
+        return ContinuousPolicy()
+    if config.scheduler_policy == "fcfs_static":
+        return StaticPolicy()
+    rules = BucketRules(config.bucket_theta, config.bucket_merge_ratio, config.bucket_symmetric_split,
+                        config.bucket_min_width)
+    ordering = Ordering(config.offline_order, config.aging_ms, config.deadline_urgency)
+    return BucketPolicy(max_len, rules, ordering, config.max_queue_delay_ms)
+
+
+def build_scheduler(config: EngineConfig, bytes_per_token: int, device_free: int | None, max_len: int) -> "Scheduler":
+    """The scheduler a config describes: its policy and its KV budget (M_safe)."""
+    budget_bytes = safe_budget(config.kv_safety, config.kv_cache_bytes, config.kv_cache_memory_fraction, device_free)
+    budget = KVBudget(bytes_per_token, budget_bytes, config.kv_cache_growth, config.max_num_seqs)
+    return Scheduler(make_policy(config, max_len), budget, config.max_prefill_tokens, max_len)
+
+
 class Scheduler:
-    def __init__(self, policy: AdmissionPolicy, max_num_seqs: int, max_prefill_tokens: int):
+    def __init__(self, policy: AdmissionPolicy, budget: KVBudget, max_prefill_tokens: int, max_len: int):
         self.policy = policy
-        self.max_num_seqs = max_num_seqs
+        self.budget = budget
         self.max_prefill_tokens = max_prefill_tokens
+        self.max_len = max_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.last_select_s = 0.0
+        """How long the last policy decision (bucketing included) took."""
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.budget.max_num_seqs
+
+    def n_max(self) -> int:
+        """N_max of the whole length range: how many sequences of the longest allowed length fit."""
+        return self.budget.n_max(self.max_len)
+
+    def buckets(self) -> tuple[BucketView, ...]:
+        """The buckets of the last decision with the requests still waiting in each; one bucket
+        over the whole range for policies without buckets."""
+        if isinstance(self.policy, BucketPolicy) and self.policy.buckets:
+            return tuple(BucketView(b.low, b.up, sum(r.status is Status.WAITING for r in b.requests),
+                                    self.policy.n_max(b)) for b in self.policy.buckets)
+        return (BucketView(0, self.max_len, len(self.waiting), self.n_max()),)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def can_ever_run(self, request: Request) -> bool:
+        """Whether the request fits the KV budget on its own; if not, it would wait forever."""
+        return self.budget.fits([request])
 
     def add(self, request: Request) -> None:
         request.status = Status.WAITING
         self.waiting.append(request)
 
-    def next_prefill(self) -> list[Request]:
+    def next_prefill(self, now: float | None = None) -> list[Request]:
         """Move the policy's choice from waiting to running; it is prefilled this step."""
-        limits = StepLimits(self.max_num_seqs - len(self.running), self.max_prefill_tokens)
-        if limits.free_slots <= 0 or not self.waiting:
+        free = self.max_num_seqs - len(self.running)
+        if free <= 0 or not self.waiting:
+            self.last_select_s = 0.0
             return []
-        batch = self.policy.select(self.waiting, limits)
+        start = time.perf_counter()
+        ctx = StepContext(time.monotonic() if now is None else now, self.running, free, self.max_prefill_tokens,
+                          self.budget)
+        batch = self.policy.select(self.waiting, ctx)
+        self.last_select_s = time.perf_counter() - start
+        if not batch:
+            return []
         chosen = set(map(id, batch))
         self.waiting = deque(r for r in self.waiting if id(r) not in chosen)
         for request in batch:

@@ -8,11 +8,12 @@ from collections import defaultdict
 
 import pytest
 
+from bucketserve.config import EngineConfig
 from bucketserve.engine import Engine, Event
-from bucketserve.policy import FCFSPolicy
+from bucketserve.policy import POLICIES
 from bucketserve.request import FinishReason, Request, SamplingParams
 from bucketserve.runner import Runner
-from bucketserve.scheduler import Scheduler
+from bucketserve.scheduler import build_scheduler
 
 PROMPTS = [
     "Hello",
@@ -45,10 +46,14 @@ class Collector:
             assert self.done.wait_for(lambda: all(i in self.finals for i in ids), timeout)
 
 
-def new_engine(runner: Runner, max_num_seqs: int = 4) -> tuple[Engine, Collector]:
+def new_engine(runner: Runner, max_num_seqs: int = 4, policy: str = "continuous",
+               kv_cache_bytes: int = 1 << 30) -> tuple[Engine, Collector]:
     """An engine (not started) whose events go to a fresh Collector."""
     collector = Collector()
-    return Engine(runner, Scheduler(FCFSPolicy(), max_num_seqs=max_num_seqs, max_prefill_tokens=600), collector), collector
+    config = EngineConfig(max_num_seqs=max_num_seqs, max_prefill_tokens=600, scheduler_policy=policy,
+                          kv_cache_bytes=kv_cache_bytes, kv_safety=1.0)
+    scheduler = build_scheduler(config, runner.kv_cost().bytes_per_token, None, runner.max_position_embeddings)
+    return Engine(runner, scheduler, collector), collector
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +74,56 @@ def make(runner: Runner, prompt: str, **sampling) -> Request:
     return Request(prompt, runner.tokenize(prompt), SamplingParams(**sampling))
 
 
-def test_staggered_arrivals_give_the_same_greedy_tokens_as_generate(engine, runner, reference):
+@pytest.mark.parametrize("policy", POLICIES)
+def test_staggered_arrivals_give_the_same_greedy_tokens_as_generate(runner, reference, policy):
     """Requests join and leave a shared, padded running set at different steps; at most 4 run at once."""
+    engine, collector = new_engine(runner, policy=policy)
+    engine.start()
     requests = [make(runner, p, max_tokens=8 + 5 * i) for i, p in enumerate(PROMPTS)]
     for r in requests:
         engine.submit(r)
         time.sleep(0.05)
-    engine.collector.wait([r.id for r in requests])
+    collector.wait([r.id for r in requests])
+    engine.stop()
     for r in requests:
         expected = reference(r.prompt_ids, r.sampling.max_tokens)
-        assert engine.collector.tokens[r.id] == expected, r.prompt[:30]
-        assert len(engine.collector.finals[r.id]) == 1
-    assert engine.runner.kv_bytes() == 0 and engine.runner.rows == []
+        assert collector.tokens[r.id] == expected, r.prompt[:30]
+        assert len(collector.finals[r.id]) == 1
+    assert runner.kv_bytes() == 0 and runner.rows == []
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_small_kv_budget_is_never_exceeded(runner, reference, policy):
+    """Mixed lengths through a budget that holds only a few of them at a time: admission waits for
+    room instead of overrunning it, and every request still completes with the right tokens."""
+    per_token = runner.kv_cost().bytes_per_token
+    budget = 3 * (400 + 64) * per_token  # about three long sequences, with the slabs' spare room
+    engine, collector = new_engine(runner, max_num_seqs=16, policy=policy, kv_cache_bytes=budget)
+    sizes = [(PROMPTS[i % len(PROMPTS)] * (1 + i % 3), 4 + 3 * (i % 5)) for i in range(14)]
+    requests = [make(runner, p, max_tokens=n) for p, n in sizes]
+    for r in requests:
+        engine.submit(r)
+    engine.start()
+    collector.wait([r.id for r in requests])
+    engine.stop()
+    assert all(len(collector.finals[r.id]) == 1 and collector.finals[r.id][0].error is None for r in requests)
+    peak = engine.stats.kv_peak_bytes  # recorded after every prefill and decode step
+    assert peak > budget // 2, "the workload never came near the budget, so it tested nothing"
+    assert peak <= budget
+    for r in requests[::4]:
+        assert collector.tokens[r.id] == reference(r.prompt_ids, r.sampling.max_tokens)
+
+
+def test_a_request_larger_than_the_budget_fails_alone(runner):
+    engine, collector = new_engine(runner, kv_cache_bytes=100 * runner.kv_cost().bytes_per_token)
+    big, small = make(runner, PROMPTS[4], max_tokens=8), make(runner, "x", max_tokens=4)
+    engine.submit(big)
+    engine.submit(small)
+    engine.start()
+    collector.wait([big.id, small.id])
+    engine.stop()
+    assert "more than the budget" in collector.finals[big.id][0].error
+    assert collector.finals[small.id][0].finish is FinishReason.LENGTH
 
 
 def test_abort_frees_the_sequence(engine, runner):

@@ -1,32 +1,102 @@
-"""Engine state as Prometheus gauges on Triton's metrics port (names prefixed bucketserve_)."""
+"""The Global Monitor on Triton's metrics port: Prometheus families prefixed ``bucketserve_``.
+
+``update`` runs on the response thread (a side thread, never the engine's): it copies the
+monitor's snapshot into gauges, advances counters by what changed, and feeds the latency
+observations made since the last call into histograms.
+"""
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import triton_python_backend_utils as pb_utils
 
-from bucketserve.engine import EngineStats
+from bucketserve.monitor import Monitor, Snapshot
 
-GAUGES = {
-    "waiting": "bucketserve_requests_waiting",
-    "running": "bucketserve_requests_running",
-    "kv_bytes": "bucketserve_kv_cache_bytes",
+GAUGES: dict[str, tuple[str, Callable[[Snapshot], float]]] = {
+    "bucketserve_requests_running": ("Sequences in the running (decode) set", lambda s: s.running),
+    "bucketserve_buckets": ("Length buckets the waiting requests are sorted into", lambda s: len(s.buckets)),
+    "bucketserve_n_max": ("Largest batch of longest-length sequences the KV budget holds", lambda s: s.n_max),
+    "bucketserve_kv_cache_bytes": ("Bytes held by the running set's KV cache, padding included", lambda s: s.kv_bytes),
+    "bucketserve_kv_cache_peak_bytes": ("Most bytes the KV cache has held", lambda s: s.kv_peak_bytes),
+    "bucketserve_kv_cache_reserved_bytes": ("KV bytes the running set has reserved (prompt + max_tokens, padded)",
+                                            lambda s: s.kv_reserved_bytes),
+    "bucketserve_kv_cache_budget_bytes": ("KV budget M_safe admission keeps the running set under",
+                                          lambda s: s.kv_budget_bytes),
+    "bucketserve_prefill_batch_size": ("Requests in the last prefill batch", lambda s: s.last_batch_size),
+    "bucketserve_prefill_padding_ratio": ("Padding share of the last prefill batch", lambda s: s.prefill_padding),
+    "bucketserve_decode_padding_ratio": ("Padding share of the KV the last decode step read", lambda s: s.decode_padding),
+    "bucketserve_arrival_rate": ("Requests per second arriving, over the last 10 s", lambda s: s.arrival_rate),
+    "bucketserve_bucketing_time_share": ("Share of engine step time spent choosing batches (bucketing included)",
+                                         lambda s: s.bucketing_share),
 }
-HELP = {
-    "waiting": "Requests queued for prefill",
-    "running": "Sequences in the running (decode) set",
-    "kv_bytes": "Bytes held by the running set's KV cache, padding included",
+COUNTERS: dict[str, tuple[str, Callable[[Snapshot], float]]] = {
+    "bucketserve_slo_met_total": ("Requests with slo_ms whose first token came in time", lambda s: s.slo_met),
+    "bucketserve_slo_missed_total": ("Requests with slo_ms whose first token came late (or never)",
+                                     lambda s: s.slo_missed),
+    "bucketserve_prefill_batches_total": ("Prefill batches run", lambda s: s.prefill_batches),
+    "bucketserve_output_tokens_total": ("Tokens generated", lambda s: s.output_tokens),
+}
+LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
+HISTOGRAMS: dict[str, tuple[str, str, list[float]]] = {
+    "ttft": ("bucketserve_time_to_first_token_seconds", "Arrival to first token", LATENCY_S),
+    "tpot": ("bucketserve_time_per_output_token_seconds", "Mean time between output tokens of a request", LATENCY_S),
+    "e2e": ("bucketserve_e2e_request_latency_seconds", "Arrival to final token", LATENCY_S),
+    "batch_size": ("bucketserve_prefill_batch_requests", "Requests per prefill batch",
+                   [1, 2, 4, 8, 16, 32, 64, 128, 256]),
+}
+BUCKET_GAUGES: dict[str, tuple[str, Callable[[Any], float]]] = {
+    "bucketserve_bucket_lower_bound": ("Lowest prompt length of a bucket (inclusive)", lambda b: b.low),
+    "bucketserve_bucket_upper_bound": ("Prompt length a bucket ends before (exclusive)", lambda b: b.up),
+    "bucketserve_bucket_requests": ("Requests waiting in a bucket", lambda b: b.requests),
+    "bucketserve_bucket_n_max": ("Largest batch the KV budget allows from a bucket", lambda b: b.n_max),
 }
 
 
 class EngineMetrics:
     def __init__(self, model: str):
-        # Triton requires each family to outlive its metrics, so both are kept
-        self._families = {
-            field: pb_utils.MetricFamily(name=name, description=HELP[field], kind=pb_utils.MetricFamily.GAUGE)
-            for field, name in GAUGES.items()
-        }
-        self._gauges = {field: family.Metric(labels={"model": model}) for field, family in self._families.items()}
+        self.labels = {"model": model}
+        gauge, counter, histogram = (pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER,
+                                     pb_utils.MetricFamily.HISTOGRAM)
+        # Triton requires each family to outlive its metrics, so families are kept too
+        self._families = {name: pb_utils.MetricFamily(name=name, description=text, kind=gauge)
+                          for name, (text, _) in {**GAUGES, **BUCKET_GAUGES}.items()}
+        self._families["bucketserve_queue_depth"] = pb_utils.MetricFamily(
+            name="bucketserve_queue_depth", description="Requests waiting for prefill, per priority class", kind=gauge)
+        self._families.update({name: pb_utils.MetricFamily(name=name, description=text, kind=counter)
+                               for name, (text, _) in COUNTERS.items()})
+        self._families.update({name: pb_utils.MetricFamily(name=name, description=text, kind=histogram)
+                               for name, text, _ in HISTOGRAMS.values()})
+        self._gauges = {name: self._families[name].Metric(labels=self.labels) for name in GAUGES}
+        self._queue = [self._families["bucketserve_queue_depth"].Metric(labels={**self.labels, "priority": str(c)})
+                       for c in (0, 1)]
+        self._counters = {name: self._families[name].Metric(labels=self.labels) for name in COUNTERS}
+        self._counted = dict.fromkeys(COUNTERS, 0.0)
+        self._histograms = {key: self._families[name].Metric(labels=self.labels, buckets=bounds)
+                            for key, (name, _, bounds) in HISTOGRAMS.items()}
+        self._buckets: list[dict[str, Any]] = []
 
-    def update(self, stats: EngineStats) -> None:
-        for field, gauge in self._gauges.items():
-            gauge.set(float(getattr(stats, field)))
+    def update(self, monitor: Monitor) -> None:
+        snap = monitor.snapshot()
+        for name, (_, read) in GAUGES.items():
+            self._gauges[name].set(float(read(snap)))
+        for metric, depth in zip(self._queue, snap.waiting):
+            metric.set(float(depth))
+        for name, (_, read) in COUNTERS.items():
+            value = float(read(snap))
+            if value > self._counted[name]:
+                self._counters[name].increment(value - self._counted[name])
+                self._counted[name] = value
+        for observation in monitor.drain():
+            self._histograms[observation.metric].observe(observation.value)
+        self._update_buckets(snap)
+
+    def _update_buckets(self, snap: Snapshot) -> None:
+        """One series per bucket index; series of buckets that merged away are dropped."""
+        while len(self._buckets) < len(snap.buckets):
+            labels = {**self.labels, "bucket": str(len(self._buckets))}
+            self._buckets.append({name: self._families[name].Metric(labels=labels) for name in BUCKET_GAUGES})
+        del self._buckets[len(snap.buckets):]
+        for metrics, bucket in zip(self._buckets, snap.buckets):
+            for name, (_, read) in BUCKET_GAUGES.items():
+                metrics[name].set(float(read(bucket)))

@@ -11,23 +11,16 @@ from bucketserve.config import EngineConfig
 from bucketserve.engine import Engine
 from bucketserve.inputs import InvalidInput, check_lengths, parse_request
 from bucketserve.model_builder import default_model_dir, is_built
-from bucketserve.policy import POLICIES
 from bucketserve.request import Request
 from bucketserve.runner import Runner
-from bucketserve.scheduler import Scheduler
+from bucketserve.scheduler import build_scheduler
+from bucketserve.triton.interface import INPUT_NAMES, complete
 from bucketserve.triton.metrics import EngineMetrics
 from bucketserve.triton.responses import FINAL, ResponseThread, error_response
 
-OPTIONAL_INPUTS = (
-    "text_input", "stream", "sampling_parameters", "exclude_input_in_output", "max_tokens", "min_tokens",
-    "min_length", "top_k", "temperature", "top_p", "seed", "stop_words", "ignore_eos", "priority", "slo_ms",
-    "return_finish_reason", "return_num_input_tokens", "return_num_output_tokens",
-)
-
-
 def read_tensors(request: Any) -> dict[str, Any]:
     tensors = {}
-    for name in OPTIONAL_INPUTS:
+    for name in INPUT_NAMES:
         tensor = pb_utils.get_input_tensor_by_name(request, name)
         if tensor is not None:
             tensors[name] = tensor.as_numpy()
@@ -46,6 +39,11 @@ def read_parameters(request: Any) -> dict[str, Any]:
 
 
 class TritonPythonModel:
+    @staticmethod
+    def auto_complete_config(auto_complete_model_config: Any) -> Any:
+        """Configs may leave the tensor interface out (the baseline models do): it is filled in here."""
+        return complete(auto_complete_model_config)
+
     def initialize(self, args: dict[str, str]) -> None:
         self.logger = pb_utils.Logger
         model_config = json.loads(args["model_config"])
@@ -61,13 +59,17 @@ class TritonPythonModel:
         self.runner = Runner(path, self.config.device, self.config.dtype, self.config.num_threads,
                              self.config.kv_cache_growth, log=lambda m: self.logger.log_info(f"[bucketserve] {m}"))
         self.max_model_len = self.config.max_model_len or self.runner.max_position_embeddings
-        scheduler = Scheduler(POLICIES[self.config.scheduler_policy](), self.config.max_num_seqs,
-                              self.config.max_prefill_tokens)
+        free = self.runner.free_device_memory(self.config.max_prefill_tokens, self.max_model_len)
+        self.scheduler = build_scheduler(self.config, self.runner.kv_cost().bytes_per_token, free, self.max_model_len)
+        budget = self.scheduler.budget
+        self.logger.log_info(f"[bucketserve] policy {self.config.scheduler_policy}; KV budget {budget.budget_bytes / 2**20:.0f} MiB "
+                             f"({budget.bytes_per_token} bytes per token), N_max {self.scheduler.n_max()} "
+                             f"at {self.max_model_len} tokens")
         self.metrics = EngineMetrics(model_config["name"])
-        self.engine = Engine(self.runner, scheduler, emit=lambda events: self.responses.put(events),
+        self.engine = Engine(self.runner, self.scheduler, emit=lambda events: self.responses.put(events),
                              log=self.logger.log_error)
         self.responses = ResponseThread(self.runner.tokenizer, self.engine, self.config.cancel_poll_ms / 1000,
-                                        log=self.logger.log_error, on_tick=lambda: self.metrics.update(self.engine.stats))
+                                        log=self.logger.log_error, on_tick=lambda: self.metrics.update(self.engine.monitor))
         self.responses.start()
         self.engine.start()
 
@@ -76,7 +78,12 @@ class TritonPythonModel:
                                self.config.default_max_tokens, self.config.default_temperature)
         ids = self.runner.tokenize(parsed.prompt)
         check_lengths(len(ids), parsed.sampling.max_tokens, self.max_model_len)
-        return Request(parsed.prompt, ids, parsed.sampling, parsed.options, parsed.priority, parsed.slo_ms)
+        request = Request(parsed.prompt, ids, parsed.sampling, parsed.options, parsed.priority, parsed.slo_ms)
+        if not self.scheduler.can_ever_run(request):
+            raise InvalidInput(f"prompt ({len(ids)} tokens) + max_tokens ({parsed.sampling.max_tokens}) needs "
+                               f"{self.scheduler.budget.reserved([request])} bytes of KV cache, more than the budget "
+                               f"of {self.scheduler.budget.budget_bytes} (kv_cache_bytes)")
+        return request
 
     def execute(self, requests: list[Any]) -> None:
         for triton_request in requests:

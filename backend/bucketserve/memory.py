@@ -1,0 +1,93 @@
+"""KV-cache memory: what a sequence costs, what the machine can give, and how many fit (N_max).
+
+The running set's KV lives in one padded cache whose rows are all as long as the longest, plus
+the spare room each slab keeps (``kv_cache_growth``). So the cache of a set of sequences, until its
+last one finishes, is at most ``rows x (longest prompt + max_tokens + spare) x bytes per token``.
+Admission checks that bound for the running set plus a candidate batch before the batch is
+prefilled: admission, not luck, keeps the cache inside the budget.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from bucketserve.request import Request
+
+
+@dataclass(frozen=True)
+class KVCostModel:
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Keys and values of one position in every layer (the paper's per-token KV cost)."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+
+    @classmethod
+    def from_model_config(cls, config: Any, dtype_bytes: int) -> "KVCostModel":
+        """From a Hugging Face config; grouped-query models cache only their kv heads."""
+        heads = int(config.num_attention_heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+        return cls(int(config.num_hidden_layers), kv_heads, head_dim, dtype_bytes)
+
+
+def final_length(request: Request) -> int:
+    """Positions the request can ever hold in the cache: its prompt plus every token it may generate."""
+    return request.prompt_len + request.sampling.max_tokens
+
+
+@dataclass(frozen=True)
+class KVBudget:
+    bytes_per_token: int
+    budget_bytes: int
+    """M_safe: the most bytes the running set's KV may hold."""
+    spare: int = 0
+    """Positions each slab keeps beyond its filled length (``kv_cache_growth``)."""
+    max_num_seqs: int = 1 << 30
+
+    def footprint(self, rows: int, longest: int) -> int:
+        """Bytes of a padded cache of ``rows`` rows whose longest row reaches ``longest`` positions."""
+        return 0 if rows == 0 else rows * (longest + self.spare) * self.bytes_per_token
+
+    def reserved(self, requests: Iterable[Request]) -> int:
+        """The most bytes these sequences' shared cache can reach before the first of them finishes."""
+        lengths = [final_length(r) for r in requests]
+        return self.footprint(len(lengths), max(lengths, default=0))
+
+    def fits(self, requests: Iterable[Request]) -> bool:
+        return self.reserved(requests) <= self.budget_bytes
+
+    def n_max(self, longest: int) -> int:
+        """N_max: the largest batch of sequences reaching ``longest`` positions that fits the budget."""
+        per_row = (longest + self.spare) * self.bytes_per_token
+        return max(0, min(self.max_num_seqs, self.budget_bytes // per_row))
+
+
+def available_ram() -> int:
+    """Bytes of RAM the kernel says can be allocated without swapping (MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def safe_budget(safety: float, kv_cache_bytes: int, memory_fraction: float, device_free: int | None) -> int:
+    """M_safe = safety x M_remaining, where M_remaining is ``kv_cache_bytes`` when set, else the
+    accelerator's free memory after weights and a worst-case forward, else a fraction of free RAM."""
+    if kv_cache_bytes:
+        remaining = kv_cache_bytes
+    elif device_free is not None:
+        remaining = device_free
+    else:
+        remaining = int(memory_fraction * available_ram())
+    return int(safety * remaining)
