@@ -1,13 +1,19 @@
 from __future__ import annotations
 
+import re
+from dataclasses import fields
+from pathlib import Path
+
 import pytest
 
 from bucketserve.config import MODEL_PATH_ENV, ConfigError, EngineConfig
+from bucketserve.triton.interface import INPUTS, OUTPUTS
 
 
 def test_parameters_are_converted():
-    c = EngineConfig.from_parameters({"max_num_seqs": " 8 ", "default_temperature": "0", "device": "cpu"})
-    assert (c.max_num_seqs, c.default_temperature, c.device) == (8, 0.0, "cpu")
+    c = EngineConfig.from_parameters({"max_num_seqs": " 8 ", "default_temperature": "0", "device": "cpu",
+                                      "bucket_symmetric_split": "true"})
+    assert (c.max_num_seqs, c.default_temperature, c.device, c.bucket_symmetric_split) == (8, 0.0, "cpu", True)
 
 
 @pytest.mark.parametrize("params, message", [
@@ -17,6 +23,9 @@ def test_parameters_are_converted():
     ({"dtype": "float8"}, "dtype must be"),
     ({"device": "tpu"}, "device must be"),
     ({"scheduler_policy": "random"}, "scheduler_policy must be one of"),
+    ({"bucket_symmetric_split": "maybe"}, "must be bool"),
+    ({"kv_safety": "1.5"}, "kv_safety must be in (0, 1]"),
+    ({"offline_order": "random"}, "offline_order must be sjf or ljf"),
 ])
 def test_bad_parameters_fail_the_load(params, message):
     with pytest.raises(ConfigError) as info:
@@ -30,3 +39,35 @@ def test_model_path_precedence(monkeypatch):
     assert EngineConfig(model_path="../w").resolve_model_path("/repo/m", "/d")[0] == "/repo/w"
     monkeypatch.setenv(MODEL_PATH_ENV, "/cli")
     assert EngineConfig(model_path="../w").resolve_model_path("/repo/m", "/d")[0] == "/cli"
+
+
+REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
+
+
+def pbtxt_parameters(text: str) -> dict[str, str]:
+    return dict(re.findall(r'key: "(\w+)"\s*value: \{ string_value: "([^"]*)" \}', text))
+
+
+def test_the_documented_config_lists_every_parameter_at_its_default():
+    params = pbtxt_parameters((REPOSITORY / "bucketserve" / "config.pbtxt").read_text())
+    assert set(params) == {f.name for f in fields(EngineConfig)}
+    assert EngineConfig.from_parameters(params) == EngineConfig()
+
+
+def test_the_documented_config_declares_the_interface_auto_complete_fills_in():
+    text = (REPOSITORY / "bucketserve" / "config.pbtxt").read_text()
+    declared = re.findall(r'(input|output) \{\s*name: "(\w+)"\s*data_type: (\w+)\s*dims: \[ ([-\d, ]+) \]', text)
+    tensors = {"input": [], "output": []}
+    for kind, name, dtype, dims in declared:
+        tensors[kind].append((name, dtype, [int(d) for d in dims.split(",")]))
+    assert tensors == {"input": list(INPUTS), "output": list(OUTPUTS)}
+
+
+def test_each_baseline_model_is_the_same_engine_with_another_policy():
+    models = {p.parent.name: pbtxt_parameters(p.read_text()) for p in REPOSITORY.glob("*/config.pbtxt")}
+    policies = {name: EngineConfig.from_parameters(params).scheduler_policy for name, params in models.items()}
+    assert policies == {"bucketserve": "bucket", "bucketserve_continuous": "continuous",
+                        "bucketserve_fcfs_static": "fcfs_static"}
+    for name in models:
+        assert f'name: "{name}"' in (REPOSITORY / name / "config.pbtxt").read_text()
+        assert (REPOSITORY / name / "1" / "model.py").read_text() == (REPOSITORY / "bucketserve" / "1" / "model.py").read_text()
