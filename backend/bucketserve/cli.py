@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bucketserve import model_builder, server
+from bucketserve import model_builder, policy_bench, server
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 
@@ -48,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build-model", help="write the default model (seeded random Llama + BPE tokenizer)")
     model_builder.add_arguments(b)
     b.set_defaults(func=model_builder.main)
+    q = sub.add_parser("bench-policies", help="offline mixed workload through each scheduling policy, in one process")
+    policy_bench.add_arguments(q)
+    q.set_defaults(func=policy_bench.main)
     return p
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -48,12 +49,20 @@ class Server:
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
 
-    def metric(self, name: str) -> float:
+    def metrics_text(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=10) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith(name + "{") or line.startswith(name + " "):
-                    return float(line.rsplit(" ", 1)[1])
-        raise KeyError(name)
+            return r.read().decode()
+
+    def metric(self, name: str, model: str = "bucketserve", **labels: str) -> float:
+        """The value of one series on the metrics port: ``name`` for ``model`` with these labels."""
+        wanted = {"model": model, **labels}
+        for line in self.metrics_text().splitlines():
+            found = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
+            if found and found[1] == name:
+                have = dict(re.findall(r'(\w+)="([^"]*)"', found[2] or ""))
+                if all(have.get(k) == v for k, v in wanted.items()):
+                    return float(found[3])
+        raise KeyError(f"{name} {wanted}")
 
 
 def start_server(model_path: Path, log: Path, timeout: float = 300) -> Server:

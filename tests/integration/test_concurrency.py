@@ -14,6 +14,7 @@ import tritonclient.grpc as grpcclient
 from bucketserve_client import BucketServeClient
 from bucketserve_client.client import build_inputs
 
+MODELS = ("bucketserve", "bucketserve_continuous", "bucketserve_fcfs_static")
 WORDS = ("serve model token batch bucket memory queue latency stream python triton request "
          "padding decode prefill cache length priority deadline engine thread").split()
 
@@ -26,12 +27,14 @@ def prompts(n: int, seed: int = 7) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(size)) for size in sizes]
 
 
-def test_32_concurrent_requests_match_transformers_greedy(server, tokenizer, reference):
-    """The correctness test: padding, position ids and attention masks must not change any token."""
+@pytest.mark.parametrize("model", MODELS)
+def test_32_concurrent_requests_match_transformers_greedy(server, tokenizer, reference, model):
+    """The correctness test, under each scheduling policy: padding, position ids, attention masks
+    and the order requests are batched in must not change any token."""
     cases = [(p, 4 + (i * 7) % 37) for i, p in enumerate(prompts(32))]
     lengths = [len(tokenizer(p).input_ids) for p, _ in cases]
     assert max(lengths) > 20 * min(lengths)
-    client = BucketServeClient(server.grpc_url)
+    client = BucketServeClient(server.grpc_url, model)
     with ThreadPoolExecutor(32) as pool:
         results = list(pool.map(lambda c: client.generate(c[0], max_tokens=c[1], temperature=0), cases))
     mismatches = []
