@@ -44,6 +44,9 @@ class EngineConfig:
     """Most padded tokens (batch size x longest prompt) in one prefill batch."""
     kv_cache_growth: int = 64
     """Spare positions each KV slab keeps, so decode steps write in place; regrown when used up."""
+    max_decode_groups: int = 4
+    """Most groups the running set is split into by length, each with its own padded KV cache and
+    forward pass per decode step; 1 keeps one padded running set."""
     max_model_len: int = 0
     """Longest prompt + output in tokens; 0 takes the model's max_position_embeddings."""
     default_max_tokens: int = 16
@@ -79,7 +82,7 @@ class EngineConfig:
     """How often the response thread asks Triton whether clients cancelled their requests."""
 
     def __post_init__(self) -> None:
-        positive = ("max_num_seqs", "max_prefill_tokens", "kv_cache_growth", "default_max_tokens", "cancel_poll_ms")
+        positive = ("max_num_seqs", "max_prefill_tokens", "kv_cache_growth", "max_decode_groups", "default_max_tokens", "cancel_poll_ms")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"parameter {name} must be >= 1, got {getattr(self, name)}")

@@ -133,10 +133,10 @@ class Engine:
                 self.monitor.on_kv(self.runner.kv_bytes())
                 self._retire(self._advance(batch, tokens, events))
             if self.scheduler.running:
-                tokens = self.runner.decode()
+                rows, tokens = self.runner.decode()
                 self.monitor.on_decode(*self.runner.last_decode_positions)
                 self.monitor.on_kv(self.runner.kv_bytes())
-                self._retire(self._advance(self.scheduler.running, tokens, events))
+                self._retire(self._advance(rows, tokens, events))
         finally:
             # also when the step fails: requests it already finished must get their final event
             if events:
@@ -155,7 +155,8 @@ class Engine:
     def _retire(self, done: dict[int, FinishReason]) -> None:
         """Finished requests leave the running set and their KV rows are freed."""
         if done:
-            self.runner.keep(self.scheduler.retire(done))
+            self.scheduler.retire(done)
+            self.runner.drop(set(done))
 
     def _fail_running(self, trace: str) -> None:
         self.log(f"engine step failed; failing its {len(self.scheduler.running)} running requests:\n{trace}")

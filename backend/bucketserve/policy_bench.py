@@ -90,6 +90,7 @@ class Done:
 
 def run_policy(runner: Runner, config: EngineConfig, jobs: list[Job], max_len: int) -> PolicyResult:
     done = Done(len(jobs))
+    runner.max_decode_groups = config.max_decode_groups
     scheduler = build_scheduler(config, runner.kv_cost().bytes_per_token, runner.free_device_memory(
         config.max_prefill_tokens, max_len), max_len)
     engine = Engine(runner, scheduler, done, log=lambda m: print(m, file=sys.stderr))
@@ -102,7 +103,7 @@ def run_policy(runner: Runner, config: EngineConfig, jobs: list[Job], max_len: i
     engine.start()
     with done.cond:
         while done.finished < len(jobs):
-            done.cond.wait(1.0)
+            done.cond.wait_for(lambda: done.finished == len(jobs), timeout=1.0)
             print(f"\r  {config.scheduler_policy:12s} {done.finished:4d}/{len(jobs)} requests "
                   f"{done.tokens:6d}/{expected} tokens {time.perf_counter() - start:6.1f} s", end="", file=sys.stderr)
     seconds = time.perf_counter() - start
@@ -132,10 +133,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", default="16,128", help="min,max output tokens per request (uniform)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
+    p.add_argument("--max-decode-groups", type=int, default=EngineConfig.max_decode_groups,
+                   help="1: one padded running set")
     p.add_argument("--kv-cache-bytes", type=int, default=0,
                    help="M_remaining for the KV cache (0: measured as the server does)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other config.pbtxt parameter, for every policy (repeatable)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
 
 
@@ -150,11 +155,14 @@ def main(args: argparse.Namespace) -> int:
           f"mean {sum(lengths) / len(lengths):.0f}, max {lengths[-1]}; output tokens {sum(j.max_tokens for j in jobs)}",
           file=sys.stderr)
     warm = EngineConfig(scheduler_policy="continuous", kv_cache_bytes=args.kv_cache_bytes)
+    print("[bench-policies] warm-up", file=sys.stderr)
     run_policy(runner, warm, jobs[:4], max_len)  # first forwards pay one-off costs
     results = []
     for policy in args.policies.split(","):
-        config = EngineConfig(scheduler_policy=policy, max_num_seqs=args.max_num_seqs,
-                              kv_cache_bytes=args.kv_cache_bytes)
+        params = dict(kv.split("=", 1) for kv in args.param)
+        params.update(scheduler_policy=policy, max_num_seqs=str(args.max_num_seqs),
+                      max_decode_groups=str(args.max_decode_groups), kv_cache_bytes=str(args.kv_cache_bytes))
+        config = EngineConfig.from_parameters(params)
         results.append(run_policy(runner, config, jobs, max_len))
     print(table(results))
     if args.json:

@@ -96,13 +96,9 @@ class Scheduler:
                 return request
         return None
 
-    def retire(self, done: dict[int, FinishReason]) -> list[int]:
-        """Finish the running requests named in ``done``; return the row indices that stay."""
-        keep = []
-        for row, request in enumerate(self.running):
+    def retire(self, done: dict[int, FinishReason]) -> None:
+        """Finish the running requests named in ``done``; they leave the running set."""
+        for request in self.running:
             if request.id in done:
                 request.finish(done[request.id])
-            else:
-                keep.append(row)
-        self.running = [self.running[row] for row in keep]
-        return keep
+        self.running = [r for r in self.running if r.id not in done]

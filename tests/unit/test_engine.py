@@ -92,6 +92,27 @@ def test_staggered_arrivals_give_the_same_greedy_tokens_as_generate(runner, refe
     assert runner.kv_bytes() == 0 and runner.rows == []
 
 
+def test_decode_groups_keep_greedy_tokens(runner, reference, monkeypatch):
+    """With groups made free, batches decode in separate groups that merge and shrink as rows
+    come and go; no token may change."""
+    monkeypatch.setattr(runner, "group_cost_positions", 0)
+    monkeypatch.setattr(runner, "max_decode_groups", 3)
+    engine, collector = new_engine(runner, max_num_seqs=6)
+    groups_seen = []
+    engine.emit = lambda events, emit=engine.emit: (groups_seen.append(len(runner.groups)), emit(events))[1]
+    engine.start()
+    requests = [make(runner, p, max_tokens=6 + 4 * i) for i, p in enumerate(PROMPTS * 2)]
+    for r in requests:
+        engine.submit(r)
+        time.sleep(0.03)
+    collector.wait([r.id for r in requests])
+    engine.stop()
+    assert max(groups_seen) == 3
+    for r in requests:
+        assert collector.tokens[r.id] == reference(r.prompt_ids, r.sampling.max_tokens), r.prompt[:30]
+    assert runner.groups == []
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_a_small_kv_budget_is_never_exceeded(runner, reference, policy):
     """Mixed lengths through a budget that holds only a few of them at a time: admission waits for

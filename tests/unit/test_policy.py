@@ -92,7 +92,7 @@ def test_scheduler_admits_and_retires():
         s.add(r)
     assert s.next_prefill() == [a, b] and a.status is Status.RUNNING
     assert s.next_prefill() == []  # running set full
-    assert s.retire({a.id: FinishReason.LENGTH}) == [1]
+    s.retire({a.id: FinishReason.LENGTH})
     assert a.status is Status.FINISHED and a.finish_reason is FinishReason.LENGTH
     assert s.next_prefill() == [c] and s.running == [b, c]
     assert s.remove_waiting(c.id) is None

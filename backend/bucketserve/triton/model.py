@@ -57,7 +57,8 @@ class TritonPythonModel:
                 f"default model not found at {path}: run `bucketserve build-model {path}` or set model_path")
         self.logger.log_info(f"[bucketserve] loading {path} ({source})")
         self.runner = Runner(path, self.config.device, self.config.dtype, self.config.num_threads,
-                             self.config.kv_cache_growth, log=lambda m: self.logger.log_info(f"[bucketserve] {m}"))
+                             self.config.kv_cache_growth, self.config.max_decode_groups,
+                             log=lambda m: self.logger.log_info(f"[bucketserve] {m}"))
         self.max_model_len = self.config.max_model_len or self.runner.max_position_embeddings
         free = self.runner.free_device_memory(self.config.max_prefill_tokens, self.max_model_len)
         self.scheduler = build_scheduler(self.config, self.runner.kv_cost().bytes_per_token, free, self.max_model_len)
