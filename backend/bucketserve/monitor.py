@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from bucketserve.request import FinishReason, Request
 
@@ -53,10 +53,7 @@ class Snapshot:
     prefill_batches: int = 0
     step_seconds: float = 0.0
     bucketing_seconds: float = 0.0
-    arrivals: tuple[int, int] = (0, 0)
     arrival_rate: float = 0.0
-    finished: dict = field(default_factory=dict)
-    """Finished requests per FinishReason value."""
     output_tokens: int = 0
     slo_met: int = 0
     slo_missed: int = 0
@@ -108,9 +105,7 @@ class Monitor:
             self._arrival_times.append(now)
             while self._arrival_times and self._arrival_times[0] < now - ARRIVAL_WINDOW_S:
                 self._arrival_times.popleft()
-            arrivals = list(self._snap.arrivals)
-            arrivals[min(request.priority, 1)] += 1
-            self._update(arrivals=tuple(arrivals), arrival_rate=len(self._arrival_times) / ARRIVAL_WINDOW_S)
+            self._update(arrival_rate=len(self._arrival_times) / ARRIVAL_WINDOW_S)
 
     def on_prefill(self, lengths: list[int]) -> None:
         """A prefill batch of prompts with these lengths, left-padded to the longest."""
@@ -150,8 +145,6 @@ class Monitor:
         end = request.finish_time or time.monotonic()
         with self._lock:
             s = self._snap
-            finished = dict(s.finished)
-            finished[reason] = finished.get(reason, 0) + 1
             met, missed = s.slo_met, s.slo_missed
             if request.first_token_time is not None:
                 ttft = request.first_token_time - request.arrival_time
@@ -163,5 +156,5 @@ class Monitor:
                     met, missed = (met + 1, missed) if ttft * 1000 <= request.slo_ms else (met, missed + 1)
             elif request.slo_ms is not None and reason != FinishReason.CANCELLED.value:
                 missed += 1
-            self._update(finished=finished, output_tokens=s.output_tokens + request.num_output,
+            self._update(output_tokens=s.output_tokens + request.num_output,
                          slo_met=met, slo_missed=missed)
