@@ -91,14 +91,13 @@ class Engine:
         self._emit_to(events)
 
     def _add(self, request: Request) -> None:
-        self.monitor.on_arrival(request)
-        if self.scheduler.can_ever_run(request):
+        self.monitor.on_arrival()
+        reason = self.scheduler.too_big(request)
+        if reason is None:
             self.scheduler.add(request)
             return
-        need, budget = self.scheduler.budget.reserved([request]), self.scheduler.budget.budget_bytes
         request.finish(FinishReason.ERROR)
-        self.emit([Event(request, [], FinishReason.ERROR,
-                         error=f"prompt + max_tokens needs {need} bytes of KV cache, more than the budget of {budget}")])
+        self.emit([Event(request, [], FinishReason.ERROR, error=reason)])
 
     def _loop(self) -> None:
         while not self._stopping:

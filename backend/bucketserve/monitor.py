@@ -99,7 +99,7 @@ class Monitor:
     def _update(self, **changes: object) -> None:
         self._snap = replace(self._snap, **changes)
 
-    def on_arrival(self, request: Request) -> None:
+    def on_arrival(self) -> None:
         now = time.monotonic()
         with self._lock:
             self._arrival_times.append(now)

@@ -137,17 +137,18 @@ class BucketPolicy:
                 ranked.append((self.ordering.rank(order[0], ctx.now), bucket, order))
         ranked.sort(key=lambda item: item[0])
         for position, (top, bucket, order) in enumerate(ranked):
-            batch = fill(order, ctx, self.n_max(bucket))
+            n_max = self.n_max(bucket)
+            batch = fill(order, ctx, n_max)
             if not batch:
                 if position == 0 and top[0] == 0:
                     return []  # hold memory back for the most urgent request rather than let it starve
                 continue
-            if self._ready(bucket, batch, ctx, urgent=top[0] == 0):
+            if self._ready(bucket, batch, n_max, ctx, urgent=top[0] == 0):
                 return batch
         return []
 
-    def _ready(self, bucket: Bucket, batch: list[Request], ctx: StepContext, urgent: bool) -> bool:
-        full = len(batch) < len(bucket.requests) or len(batch) >= self.n_max(bucket)
+    def _ready(self, bucket: Bucket, batch: list[Request], n_max: int, ctx: StepContext, urgent: bool) -> bool:
+        full = len(batch) < len(bucket.requests) or len(batch) >= n_max
         oldest = min(r.arrival_time for r in bucket.requests)
         return full or urgent or not ctx.running or ctx.now - oldest >= self.max_queue_delay_s
 

@@ -33,9 +33,10 @@ class DecodeGroup:
 
 
 def merged_padding(a: DecodeGroup, b: DecodeGroup) -> int:
-    """Padding positions that merging ``a`` and ``b`` would add: both rows right-align to the longer."""
+    """Padding positions that merging ``a`` and ``b`` would add: the shorter group's rows widen to the
+    longer one's length (real positions cancel out)."""
     rows = len(a.rows) + len(b.rows)
-    return rows * max(a.kv.length, b.kv.length) - a.real_positions() - b.real_positions() - a.padding() - b.padding()
+    return rows * max(a.kv.length, b.kv.length) - len(a.rows) * a.kv.length - len(b.rows) * b.kv.length
 
 
 def pick_device(name: str) -> torch.device:

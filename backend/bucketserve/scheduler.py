@@ -61,9 +61,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def can_ever_run(self, request: Request) -> bool:
-        """Whether the request fits the KV budget on its own; if not, it would wait forever."""
-        return self.budget.fits([request])
+    def too_big(self, request: Request) -> str | None:
+        """Why the request can never run (its KV alone exceeds the budget, so it would wait forever)."""
+        if self.budget.fits([request]):
+            return None
+        return (f"prompt ({request.prompt_len} tokens) + max_tokens ({request.sampling.max_tokens}) needs "
+                f"{self.budget.reserved([request])} bytes of KV cache, more than the budget of "
+                f"{self.budget.budget_bytes} (kv_cache_bytes)")
 
     def add(self, request: Request) -> None:
         request.status = Status.WAITING

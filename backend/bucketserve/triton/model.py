@@ -80,10 +80,9 @@ class TritonPythonModel:
         ids = self.runner.tokenize(parsed.prompt)
         check_lengths(len(ids), parsed.sampling.max_tokens, self.max_model_len)
         request = Request(parsed.prompt, ids, parsed.sampling, parsed.options, parsed.priority, parsed.slo_ms)
-        if not self.scheduler.can_ever_run(request):
-            raise InvalidInput(f"prompt ({len(ids)} tokens) + max_tokens ({parsed.sampling.max_tokens}) needs "
-                               f"{self.scheduler.budget.reserved([request])} bytes of KV cache, more than the budget "
-                               f"of {self.scheduler.budget.budget_bytes} (kv_cache_bytes)")
+        reason = self.scheduler.too_big(request)
+        if reason is not None:
+            raise InvalidInput(reason)
         return request
 
     def execute(self, requests: list[Any]) -> None:
