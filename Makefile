@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: setup serve test clean
+.PHONY: setup serve test bench bench-tools clean
 
 setup: $(STAMP)
 
@@ -23,5 +23,13 @@ serve: setup
 test: setup
 	$(BIN)/python -m pytest -v --durations=15
 
+# the README's benchmark figures: offline mixed workload and SLO sweep, three policies (about 12 min)
+bench: setup
+	scripts/bench.sh
+
+# genai-perf and perf_analyzer against the server (installs genai-perf into .venv-tools once)
+bench-tools: setup
+	scripts/bench-tools.sh
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-tools .pytest_cache

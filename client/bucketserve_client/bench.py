@@ -1,115 +1,169 @@
-"""Output tokens/s at fixed concurrencies, on the workload our peers were measured on.
+"""`bucketserve-client bench`: the paper's evaluation against one or more targets, side by side.
 
-The default workload is shared/PEERS.md's: 64 prompts of 19 to 506 tokens under the model's
-tokenizer, exactly 64 greedy output tokens each (EOS ignored). Each concurrency level runs the
-whole set with that many requests in flight; concurrency equal to the prompt count is "all
-submitted at once". Reported figures are the median of ``--repeats`` timed runs after a warm-up.
+Every target gets the identical seeded workload: first offline (all requests at t = 0, for output
+tokens/s), then one open-loop run per offered rate (Poisson or gamma arrivals, for SLO attainment);
+the capacity is the highest rate with at least 80% of requests within their class's SLOs.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
+import asyncio
 import statistics
 import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
-from bucketserve_client.client import BucketServeClient
+from bucketserve_client import loadgen, report
+from bucketserve_client.arrivals import arrival_times
+from bucketserve_client.stats import CAPACITY_ATTAINMENT, capacity, summarize
+from bucketserve_client.targets import Target, parse_target
+from bucketserve_client.workload import (DEFAULT_CLASSES, WORKLOADS, PriorityClass, PromptMaker, RequestSpec,
+                                         corpus_text, generate, load_file, materialize)
 
-FILLER = ("the model serves requests in batches of similar length so that padding stays low and the "
-          "memory of the cache is used for real tokens rather than for waste").split()
-
-
-def prompt_of_length(tokenizer, n_tokens: int, rng: random.Random) -> str:
-    """Real words whose tokenization (with BOS) is exactly ``n_tokens`` long, or as close as it gets."""
-    words: list[str] = []
-    while len(tokenizer(" ".join(words)).input_ids) < n_tokens:
-        words.append(rng.choice(FILLER))
-    text = " ".join(words)
-    ids = tokenizer(text).input_ids
-    if len(ids) > n_tokens:  # trim whole tokens off the end
-        text = tokenizer.decode(ids[1:n_tokens], skip_special_tokens=True)
-    return text
-
-
-def make_prompts(tokenizer, count: int, low: int, high: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [prompt_of_length(tokenizer, rng.randint(low, high), rng) for _ in range(count)]
-
-
-@dataclass(frozen=True)
-class RunResult:
-    requests: int
-    output_tokens: int
-    seconds: float
-    latencies: list[float]
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.output_tokens / self.seconds
-
-
-def run_once(client: BucketServeClient, prompts: list[str], concurrency: int, output_tokens: int,
-             progress: str) -> RunResult:
-    done = 0
-    lock = threading.Lock()
-
-    def one(prompt: str) -> tuple[int, float]:
-        nonlocal done
-        start = time.perf_counter()
-        c = client.generate(prompt, max_tokens=output_tokens, temperature=0, ignore_eos=True)
-        latency = time.perf_counter() - start
-        with lock:
-            done += 1
-            print(f"\r{progress}: {done}/{len(prompts)} requests", end="", file=sys.stderr, flush=True)
-        return c.num_output_tokens or 0, latency
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(one, prompts))
-    seconds = time.perf_counter() - start
-    print(file=sys.stderr)
-    return RunResult(len(prompts), sum(n for n, _ in results), seconds, [lat for _, lat in results])
+WARMUP_OUTPUT = 4
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default="localhost:8001")
-    p.add_argument("--model", default="bucketserve")
+    p.add_argument("--targets", default="triton://localhost:8001/bucketserve",
+                   help="comma-separated: triton://HOST:PORT/MODEL[?metrics=PORT] (metrics port default 8002) "
+                        "or openai://HOST:PORT/v1[?model=NAME]")
+    p.add_argument("--workload", choices=WORKLOADS, default="mixed")
+    p.add_argument("--workload-file", type=Path, default=None,
+                   help='JSONL trace, one {"prompt" | "prompt_len", "output_len", "priority", "slo_ms"} per line')
+    p.add_argument("--num-requests", type=int, default=96, help="requests in the generated workload")
+    p.add_argument("--long-share", type=float, default=0.2, help="LongBench share of the mixed workload")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="model directory whose tokenizer sizes the prompts (default: the default model)")
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--min-prompt-tokens", type=int, default=19)
-    p.add_argument("--max-prompt-tokens", type=int, default=506)
-    p.add_argument("--output-tokens", type=int, default=64)
-    p.add_argument("--concurrency", default="1,32,64", help="comma-separated levels")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per level; the median is reported")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-model-len", type=int, default=0,
+                   help="context the prompts are scaled to (default: the model's max_position_embeddings)")
+    p.add_argument("--class", dest="classes", action="append", default=[], metavar="NAME:SHARE:TTFT_MS:E2E_MS",
+                   help="a priority class and its SLOs (repeatable; a name starting with 'offline' is the "
+                        "server's offline class). Default: online:0.5:1000:10000 and offline:0.5:10000:60000")
+    p.add_argument("--no-offline", dest="offline", action="store_false", help="skip the offline run")
+    p.add_argument("--rates", default="", help="comma-separated offered rates (req/s) for the SLO sweep")
+    p.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson", help="arrival process of the sweep")
+    p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation of gamma inter-arrival gaps")
+    p.add_argument("--sweep-requests", type=int, default=48, help="requests per sweep rate (the workload's first)")
+    p.add_argument("--warmup", type=int, default=4, help="short requests sent to each target before measuring")
+    p.add_argument("--out", type=Path, default=None, help="write results.json, report.md and PNG plots here")
 
 
-def main(args: argparse.Namespace) -> int:
+def _model_len(tokenizer_dir: Path) -> int:
+    from transformers import AutoConfig
+
+    return int(getattr(AutoConfig.from_pretrained(tokenizer_dir), "max_position_embeddings", 2048))
+
+
+def _describe(name: str, specs: list[RequestSpec], classes: tuple[PriorityClass, ...]) -> str:
+    prompts = sorted(s.prompt_len for s in specs)
+    outputs = [s.output_len for s in specs]
+    shares = ", ".join(f"{c.name} {sum(s.cls.name == c.name for s in specs)}" for c in classes)
+    return (f"{name}, {len(specs)} requests; prompt tokens median {statistics.median(prompts):.0f}, mean "
+            f"{statistics.mean(prompts):.1f}, max {prompts[-1]}; output tokens mean {statistics.mean(outputs):.1f}, "
+            f"{sum(outputs)} in all; classes: {shares}")
+
+
+def _classes_text(classes: tuple[PriorityClass, ...]) -> str:
+    return "; ".join(f"{c.name} {c.share:g} (TTFT <= {c.ttft_ms:g} ms, e2e <= {c.e2e_ms:g} ms)" for c in classes)
+
+
+def _run_json(record: loadgen.RunRecord, offered: float | None) -> dict[str, Any]:
+    return {"summary": asdict(summarize(record.outcomes, offered)), "server": record.server,
+            "samples": [asdict(s) for s in record.samples],
+            "outcomes": [{"cls": o.cls, "sent": o.sent, "ttft": o.ttft, "e2e": o.e2e,
+                          "output_tokens": o.output_tokens, "error": o.error} for o in record.outcomes]}
+
+
+def _check_tokens(label: str, record: loadgen.RunRecord, specs: list[RequestSpec]) -> None:
+    """Every target must generate exactly the requested tokens, or tokens/s compares unlike work."""
+    errors = [o.error for o in record.outcomes if o.error]
+    if errors:
+        print(f"[bench] WARNING {label}: {len(errors)} requests failed, first: {errors[0]}", file=sys.stderr)
+    short = sum(1 for o, s in zip(record.outcomes, specs) if o.ok and o.output_tokens != s.output_len)
+    if short:
+        print(f"[bench] WARNING {label}: {short} requests did not return exactly max_tokens tokens "
+              f"(does the target honour ignore_eos?)", file=sys.stderr)
+
+
+async def bench_target(target: Target, specs: list[RequestSpec], args: argparse.Namespace,
+                       rates: list[float]) -> dict[str, Any]:
+    warm = [replace(s, output_len=WARMUP_OUTPUT) for s in specs[:args.warmup]]
+    if warm:
+        await loadgen.run(target, warm, [0.0] * len(warm), f"{target.label} warm-up")
+    result: dict[str, Any] = {"offline": None, "sweep": []}
+    if args.offline:
+        record = await loadgen.run(target, specs, arrival_times("offline", len(specs)), f"{target.label} offline")
+        _check_tokens(target.label, record, specs)
+        result["offline"] = _run_json(record, None)
+    sweep = specs[:args.sweep_requests]
+    for rate in rates:
+        # one seed for every rate: the same arrival pattern, compressed in time as the rate grows
+        times = arrival_times(args.arrival, len(sweep), rate, args.seed, args.cv)
+        record = await loadgen.run(target, sweep, times, f"{target.label} {rate:g} req/s")
+        _check_tokens(target.label, record, sweep)
+        result["sweep"].append({"rate": rate, **_run_json(record, rate)})
+    cap = capacity([(p["rate"], p["summary"]["slo_attainment"]) for p in result["sweep"]])
+    result["output_tokens_per_s"] = result["offline"]["summary"]["output_tokens_per_s"] if result["offline"] else None
+    result["capacity_rps"], result["capacity_censored"] = (cap.rps, cap.censored) if rates else (None, False)
+    await target.close()
+    return result
+
+
+def _cdf_rate(targets: dict[str, dict[str, Any]], rates: list[float]) -> float | None:
+    """The highest rate every target served at >= 80% attainment (else the lowest): where CDFs compare."""
+    if not rates:
+        return None
+    good = [r for r in rates if all(any(p["rate"] == r and p["summary"]["slo_attainment"] >= CAPACITY_ATTAINMENT
+                                        for p in t["sweep"]) for t in targets.values())]
+    return max(good) if good else min(rates)
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     if args.tokenizer is None:
         from bucketserve.model_builder import default_model_dir
 
         args.tokenizer = default_model_dir()
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    prompts = make_prompts(tokenizer, args.num_prompts, args.min_prompt_tokens, args.max_prompt_tokens, args.seed)
-    total = sum(len(tokenizer(p).input_ids) for p in prompts)
-    print(f"workload: {len(prompts)} prompts, {total} prompt tokens (mean {total / len(prompts):.0f}), "
-          f"{args.output_tokens} output tokens each", flush=True)
-    client = BucketServeClient(args.url, args.model)
-    run_once(client, prompts[:4], 4, 8, "warm-up")
-    print(f"{'concurrency':>11} {'output tok/s':>12} {'req/s':>7} {'p50 latency s':>13} {'runs (tok/s)':>24}")
-    for level in (int(c) for c in args.concurrency.split(",")):
-        runs = [run_once(client, prompts, level, args.output_tokens, f"concurrency {level}, run {i + 1}")
-                for i in range(args.repeats)]
-        median = sorted(runs, key=lambda r: r.tokens_per_s)[len(runs) // 2]
-        print(f"{level:>11} {median.tokens_per_s:>12.0f} {median.requests / median.seconds:>7.2f} "
-              f"{statistics.median(median.latencies):>13.2f} {', '.join(f'{r.tokens_per_s:.0f}' for r in runs):>24}",
-              flush=True)
+    classes = tuple(PriorityClass.parse(c) for c in args.classes) or DEFAULT_CLASSES
+    max_len = args.max_model_len or _model_len(args.tokenizer)
+    if args.workload_file:
+        specs, name = load_file(args.workload_file, classes), str(args.workload_file)
+    else:
+        specs, name = generate(args.workload, args.num_requests, max_len, args.seed, args.long_share, classes), args.workload
+    print(f"[bench] making prompts with the tokenizer of {args.tokenizer}", file=sys.stderr, flush=True)
+    specs = materialize(specs, PromptMaker(AutoTokenizer.from_pretrained(args.tokenizer), corpus_text()), args.seed)
+    description = _describe(name, specs, classes)
+    print(f"[bench] workload: {description}", file=sys.stderr, flush=True)
+    rates = sorted(float(r) for r in args.rates.split(",") if r.strip())
+    urls = [t.strip() for t in args.targets.split(",") if t.strip()]
+    targets = [parse_target(url) for url in urls]
+    results: dict[str, Any] = {
+        "workload": {"name": name, "description": description, "requests": len(specs), "seed": args.seed,
+                     "max_model_len": max_len},
+        "classes": [asdict(c) for c in classes], "classes_text": _classes_text(classes),
+        "sweep": {"rates": rates, "arrival": args.arrival, "cv": args.cv,
+                  "requests": min(args.sweep_requests, len(specs))},
+        "targets": {},
+    }
+    for url, target in zip(urls, targets):
+        outcome = await bench_target(target, specs, args, rates)
+        results["targets"][target.label] = {"url": url, **outcome}
+    results["cdf_rate"] = _cdf_rate(results["targets"], rates)
+    return results
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        results = asyncio.run(run(args))
+    except (ValueError, OSError) as e:
+        print(f"[bench] ERROR: {e}", file=sys.stderr)
+        return 2
+    print(report.markdown(results))
+    if args.out:
+        for path in report.write(results, args.out):
+            print(f"[bench] wrote {path}", file=sys.stderr)
     return 0

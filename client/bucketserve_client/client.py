@@ -57,7 +57,8 @@ def is_final(result: Any) -> bool:
     return result.get_response().parameters["triton_final_response"].bool_param
 
 
-def _fields(result: Any) -> tuple[str, str | None, int | None, int | None]:
+def response_fields(result: Any) -> tuple[str, str | None, int | None, int | None]:
+    """(text, finish_reason, num_input_tokens, num_output_tokens) of one response; None where absent."""
     text = result.as_numpy("text_output")
     reason = result.as_numpy("finish_reason")
     n_in = result.as_numpy("num_input_tokens")
@@ -120,13 +121,13 @@ class BucketServeClient:
     def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
         """Yield text deltas as the server generates them."""
         for result in self._responses(prompt, True, sampling):
-            text, *_ = _fields(result)
+            text, *_ = response_fields(result)
             if text:
                 yield text
 
     def generate(self, prompt: str, echo: bool = False, **sampling: Any) -> Completion:
         """One request, one response: the whole completion (after the prompt, if ``echo``)."""
-        return completion([_fields(r) for r in self._responses(prompt, False, sampling, echo)])
+        return completion([response_fields(r) for r in self._responses(prompt, False, sampling, echo)])
 
 
 class AsyncBucketServeClient:
@@ -156,9 +157,9 @@ class AsyncBucketServeClient:
 
     async def stream(self, prompt: str, **sampling: Any) -> AsyncIterator[str]:
         async for result in self._responses(prompt, True, sampling):
-            text, *_ = _fields(result)
+            text, *_ = response_fields(result)
             if text:
                 yield text
 
     async def generate(self, prompt: str, echo: bool = False, **sampling: Any) -> Completion:
-        return completion([_fields(r) async for r in self._responses(prompt, False, sampling, echo)])
+        return completion([response_fields(r) async for r in self._responses(prompt, False, sampling, echo)])

@@ -36,6 +36,13 @@ COUNTERS: dict[str, tuple[str, Callable[[Snapshot], float]]] = {
                                      lambda s: s.slo_missed),
     "bucketserve_prefill_batches_total": ("Prefill batches run", lambda s: s.prefill_batches),
     "bucketserve_output_tokens_total": ("Tokens generated", lambda s: s.output_tokens),
+    "bucketserve_prefill_positions_total": ("Prompt positions prefill batches computed, padding included",
+                                            lambda s: s.prefill_tokens),
+    "bucketserve_prefill_padding_positions_total": ("Padding positions among them", lambda s: s.prefill_padded_tokens),
+    "bucketserve_decode_positions_total": ("KV positions decode steps attended to, padding included",
+                                           lambda s: s.decode_positions),
+    "bucketserve_decode_padding_positions_total": ("Padding positions among them",
+                                                   lambda s: s.decode_padded_positions),
 }
 LATENCY_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 HISTOGRAMS: dict[str, tuple[str, str, list[float]]] = {
@@ -92,11 +99,11 @@ class EngineMetrics:
         self._update_buckets(snap)
 
     def _update_buckets(self, snap: Snapshot) -> None:
-        """One series per bucket index; series of buckets that merged away are dropped."""
+        """One series per bucket index. Triton keeps a series once created, so the series of buckets that
+        merged away stay, zeroed (``[0, 0)``, no requests): only indices below ``bucketserve_buckets`` are live."""
         while len(self._buckets) < len(snap.buckets):
             labels = {**self.labels, "bucket": str(len(self._buckets))}
             self._buckets.append({name: self._families[name].Metric(labels=labels) for name in BUCKET_GAUGES})
-        del self._buckets[len(snap.buckets):]
-        for metrics, bucket in zip(self._buckets, snap.buckets):
+        for i, metrics in enumerate(self._buckets):
             for name, (_, read) in BUCKET_GAUGES.items():
-                metrics[name].set(float(read(bucket)))
+                metrics[name].set(float(read(snap.buckets[i])) if i < len(snap.buckets) else 0.0)
