@@ -12,4 +12,4 @@ for model in bucketserve bucketserve_continuous bucketserve_fcfs_static; do
   targets+="${targets:+,}triton://127.0.0.1:$GRPC_PORT/$model?metrics=$METRICS_PORT"
 done
 "$BIN/bucketserve-client" bench --targets "$targets" --workload mixed --num-requests 96 \
-  --rates "$BENCH_RATES" --sweep-requests 64 --out "$BENCH_OUT" "$@"
+  --rates "$BENCH_RATES" --sweep-seconds 30 --out "$BENCH_OUT" "$@"

@@ -1,9 +1,9 @@
 """`bucketserve bench-policies`: the three scheduling policies on one offline mixed workload, in one
 process, on one loaded model, with the Global Monitor's figures side by side.
 
-The workload is the paper's mixed one scaled to the model: mostly short Alpaca-like prompts
-(lognormal, median 69 and mean 83.7 tokens) plus a long tail of LongBench-like prompts (a share
-``--long-share`` of the requests, lognormal around half the context). Prompts are windows of real
+The workload has the lengths of ``bucketserve-client bench --workload mixed`` (same seed, same
+lengths; see ``bucketserve_client.workload``), so the two measure the same work, here without the
+server and the network in between. Prompts are windows of real
 text (Python's standard library, which the default model's tokenizer was trained on), all
 requests arrive at t = 0 as offline requests, decode greedily and ignore EOS, so every policy
 generates exactly the same tokens.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 import threading
@@ -22,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bucketserve.config import EngineConfig
+from bucketserve_client import workload
 from bucketserve.engine import Engine, Event
 from bucketserve.model_builder import corpus, default_model_dir
 from bucketserve.policy import OFFLINE, POLICIES
@@ -36,23 +36,12 @@ class Job:
     max_tokens: int
 
 
-def lognormal(rng: random.Random, median: float, mean: float) -> float:
-    sigma = math.sqrt(2 * math.log(mean / median))
-    return rng.lognormvariate(math.log(median), sigma)
-
-
-def mixed_workload(runner: Runner, n: int, long_share: float, out_range: tuple[int, int], seed: int,
-                   max_len: int) -> list[Job]:
+def mixed_workload(runner: Runner, n: int, long_share: float, seed: int, max_len: int) -> list[Job]:
+    """The client bench's ``mixed`` lengths (same seed, same lengths), as windows of corpus token ids."""
     rng = random.Random(seed)
     text_ids = runner.tokenize("\n".join(corpus(2_000_000)))
     jobs = []
-    for _ in range(n):
-        out = rng.randint(*out_range)
-        if rng.random() < long_share:
-            length = lognormal(rng, median=max_len * 0.4, mean=max_len * 0.45)
-        else:
-            length = lognormal(rng, median=69, mean=83.7)
-        length = max(4, min(int(length), max_len - out - 1))
+    for length, out in workload.lengths("mixed", n, max_len, seed, long_share):
         start = rng.randrange(len(text_ids) - length)
         jobs.append(Job(text_ids[start:start + length], out))
     return jobs
@@ -130,7 +119,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated scheduler policies")
     p.add_argument("--requests", type=int, default=96, help="requests in the workload")
     p.add_argument("--long-share", type=float, default=0.2, help="share of long-tail prompts")
-    p.add_argument("--output-len", default="16,128", help="min,max output tokens per request (uniform)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=EngineConfig.max_num_seqs)
     p.add_argument("--max-decode-groups", type=int, default=EngineConfig.max_decode_groups,
@@ -148,8 +136,7 @@ def main(args: argparse.Namespace) -> int:
     model_path = str(args.model_path or default_model_dir())
     runner = Runner(model_path, args.device, args.dtype, log=lambda m: print(f"[bench-policies] {m}", file=sys.stderr))
     max_len = runner.max_position_embeddings
-    low, high = (int(x) for x in args.output_len.split(","))
-    jobs = mixed_workload(runner, args.requests, args.long_share, (low, high), args.seed, max_len)
+    jobs = mixed_workload(runner, args.requests, args.long_share, args.seed, max_len)
     lengths = sorted(len(j.prompt_ids) for j in jobs)
     print(f"[bench-policies] {len(jobs)} requests, prompt tokens median {lengths[len(lengths) // 2]}, "
           f"mean {sum(lengths) / len(lengths):.0f}, max {lengths[-1]}; output tokens {sum(j.max_tokens for j in jobs)}",

@@ -23,6 +23,7 @@ from bucketserve_client.workload import (DEFAULT_CLASSES, WORKLOADS, PriorityCla
                                          corpus_text, generate, load_file, materialize)
 
 WARMUP_OUTPUT = 4
+MIN_SWEEP_REQUESTS = 8
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,7 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rates", default="", help="comma-separated offered rates (req/s) for the SLO sweep")
     p.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson", help="arrival process of the sweep")
     p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation of gamma inter-arrival gaps")
-    p.add_argument("--sweep-requests", type=int, default=48, help="requests per sweep rate (the workload's first)")
+    p.add_argument("--sweep-seconds", type=float, default=30.0,
+                   help="seconds of arrivals per sweep rate: rate x this many requests (the workload's first)")
+    p.add_argument("--full-sweep", action="store_true",
+                   help="run every rate (default: a target's sweep stops at its first rate below 80%% attainment)")
     p.add_argument("--warmup", type=int, default=4, help="short requests sent to each target before measuring")
     p.add_argument("--out", type=Path, default=None, help="write results.json, report.md and PNG plots here")
 
@@ -88,8 +92,18 @@ def _check_tokens(label: str, record: loadgen.RunRecord, specs: list[RequestSpec
               f"(does the target honour ignore_eos?)", file=sys.stderr)
 
 
-async def bench_target(target: Target, specs: list[RequestSpec], args: argparse.Namespace,
+def sweep_size(rate: float, seconds: float) -> int:
+    return max(MIN_SWEEP_REQUESTS, round(rate * seconds))
+
+
+def sweep_specs(specs: list[RequestSpec], rate: float, seconds: float) -> list[RequestSpec]:
+    """The workload's first ``rate x seconds`` requests (at least MIN_SWEEP_REQUESTS), cycling a short trace."""
+    return [specs[i % len(specs)] for i in range(sweep_size(rate, seconds))]
+
+
+async def bench_target(target: Target, specs: list[RequestSpec], pool: list[RequestSpec], args: argparse.Namespace,
                        rates: list[float]) -> dict[str, Any]:
+    """``specs`` run offline; the sweep draws from ``pool`` (which starts with them)."""
     warm = [replace(s, output_len=WARMUP_OUTPUT) for s in specs[:args.warmup]]
     if warm:
         await loadgen.run(target, warm, [0.0] * len(warm), f"{target.label} warm-up")
@@ -98,13 +112,15 @@ async def bench_target(target: Target, specs: list[RequestSpec], args: argparse.
         record = await loadgen.run(target, specs, arrival_times("offline", len(specs)), f"{target.label} offline")
         _check_tokens(target.label, record, specs)
         result["offline"] = _run_json(record, None)
-    sweep = specs[:args.sweep_requests]
     for rate in rates:
+        sweep = sweep_specs(pool, rate, args.sweep_seconds)
         # one seed for every rate: the same arrival pattern, compressed in time as the rate grows
         times = arrival_times(args.arrival, len(sweep), rate, args.seed, args.cv)
         record = await loadgen.run(target, sweep, times, f"{target.label} {rate:g} req/s")
         _check_tokens(target.label, record, sweep)
         result["sweep"].append({"rate": rate, **_run_json(record, rate)})
+        if result["sweep"][-1]["summary"]["slo_attainment"] < CAPACITY_ATTAINMENT and not args.full_sweep:
+            break  # the crossing is found; higher rates only queue longer
     cap = capacity([(p["rate"], p["summary"]["slo_attainment"]) for p in result["sweep"]])
     result["output_tokens_per_s"] = result["offline"]["summary"]["output_tokens_per_s"] if result["offline"] else None
     result["capacity_rps"], result["capacity_censored"] = (cap.rps, cap.censored) if rates else (None, False)
@@ -130,28 +146,32 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         args.tokenizer = default_model_dir()
     classes = tuple(PriorityClass.parse(c) for c in args.classes) or DEFAULT_CLASSES
     max_len = args.max_model_len or _model_len(args.tokenizer)
+    rates = sorted(float(r) for r in args.rates.split(",") if r.strip())
     if args.workload_file:
         specs, name = load_file(args.workload_file, classes), str(args.workload_file)
-    else:
-        specs, name = generate(args.workload, args.num_requests, max_len, args.seed, args.long_share, classes), args.workload
+    else:  # offline uses the first --num-requests; the sweep as many as its highest rate needs
+        pool = max([args.num_requests, *(sweep_size(r, args.sweep_seconds) for r in rates)])
+        specs, name = generate(args.workload, pool, max_len, args.seed, args.long_share, classes), args.workload
     print(f"[bench] making prompts with the tokenizer of {args.tokenizer}", file=sys.stderr, flush=True)
     specs = materialize(specs, PromptMaker(AutoTokenizer.from_pretrained(args.tokenizer), corpus_text()), args.seed)
-    description = _describe(name, specs, classes)
+    offline = specs if args.workload_file else specs[:args.num_requests]
+    description = _describe(name, offline, classes)
     print(f"[bench] workload: {description}", file=sys.stderr, flush=True)
-    rates = sorted(float(r) for r in args.rates.split(",") if r.strip())
     urls = [t.strip() for t in args.targets.split(",") if t.strip()]
     targets = [parse_target(url) for url in urls]
     results: dict[str, Any] = {
-        "workload": {"name": name, "description": description, "requests": len(specs), "seed": args.seed,
+        "workload": {"name": name, "description": description, "requests": len(offline), "seed": args.seed,
                      "max_model_len": max_len},
         "classes": [asdict(c) for c in classes], "classes_text": _classes_text(classes),
-        "sweep": {"rates": rates, "arrival": args.arrival, "cv": args.cv,
-                  "requests": min(args.sweep_requests, len(specs))},
+        "sweep": {"rates": rates, "arrival": args.arrival, "cv": args.cv, "seconds": args.sweep_seconds},
         "targets": {},
     }
     for url, target in zip(urls, targets):
-        outcome = await bench_target(target, specs, args, rates)
-        results["targets"][target.label] = {"url": url, **outcome}
+        outcome = await bench_target(target, offline, specs, args, rates)
+        label = target.label
+        while label in results["targets"]:  # the same target twice (e.g. to see run-to-run variation)
+            label += "'"
+        results["targets"][label] = {"url": url, **outcome}
     results["cdf_rate"] = _cdf_rate(results["targets"], rates)
     return results
 

@@ -43,7 +43,7 @@ def markdown(results: dict[str, Any]) -> str:
     rates = sorted({p["rate"] for t in targets.values() for p in t.get("sweep", [])})
     if rates:
         lines += [f"SLO attainment by offered rate ({results['sweep']['arrival']} arrivals, "
-                  f"{results['sweep']['requests']} requests per rate; classes: {results['classes_text']}):", "",
+                  f"{results['sweep']['seconds']:g} s of arrivals per rate; classes: {results['classes_text']}):", "",
                   "| target | " + " | ".join(f"{r:g} req/s" for r in rates) + f" | capacity at {CAPACITY_ATTAINMENT:.0%} |",
                   "|---|" + "---|" * (len(rates) + 1)]
         for label, t in targets.items():

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,16 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+def post_json(url: str, body: dict) -> tuple[int, str]:
+    """POST a JSON body; (status, body text), also for error statuses."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
 @dataclass
 class Server:
     http: int
@@ -41,13 +52,7 @@ class Server:
         return f"127.0.0.1:{self.grpc}"
 
     def post(self, path: str, body: dict) -> tuple[int, str]:
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
+        return post_json(f"http://127.0.0.1:{self.http}{path}", body)
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=10) as r:
