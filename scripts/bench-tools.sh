@@ -20,12 +20,12 @@ export LD_LIBRARY_PATH
 start_server
 mkdir -p "$OUT"
 echo "[bench-tools] genai-perf: 64 prompts of ~253 tokens, exactly 64 output tokens, concurrency $CONCURRENCY" >&2
-PATH="$PWD/$BIN:$PATH" "$TOOLS/bin/genai-perf" profile -m bucketserve --service-kind triton --backend vllm \
-  --streaming --tokenizer "$MODEL_DIR" -u "127.0.0.1:$GRPC_PORT" \
+COLUMNS=160 PATH="$PWD/$BIN:$PATH" "$TOOLS/bin/genai-perf" profile -m bucketserve --service-kind triton --backend vllm \
+  --streaming --tokenizer "$MODEL_DIR" -u "127.0.0.1:$GRPC_PORT" --server-metrics-url "http://127.0.0.1:$METRICS_PORT/metrics" \
   --synthetic-input-tokens-mean 253 --synthetic-input-tokens-stddev 100 \
-  --output-tokens-mean 64 --output-tokens-mean-deterministic --extra-inputs ignore_eos:true \
-  --num-prompts 64 --concurrency "$CONCURRENCY" --measurement-interval 20000 --random-seed 0 \
-  --artifact-dir "$OUT/genai-perf" 2>&1 | tee "$OUT/genai-perf.txt"
+  --output-tokens-mean 64 --output-tokens-mean-deterministic \
+  --num-prompts 64 --concurrency "$CONCURRENCY" --measurement-interval 10000 --random-seed 0 \
+  --artifact-dir "$OUT/genai-perf" -- --max-trials 4 2>&1 | tee "$OUT/genai-perf.txt"
 echo "[bench-tools] perf_analyzer: streaming, concurrency $CONCURRENCY" >&2
 "$BIN/python" - "$OUT/perf-input.json" <<'PY'
 import json, sys
