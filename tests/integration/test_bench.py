@@ -129,3 +129,29 @@ def test_bench_runs_targets_side_by_side_and_writes_the_report(server, gateway, 
     assert "| bucketserve |" in report and "capacity at 80%" in report
     for name in ("slo_attainment.png", "throughput.png", "latency_cdf.png", "buckets.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_client_leaving_the_gateway_cancels_its_request(server, gateway):
+    """The stream is dropped after its first token: the server stops generating well before max_tokens."""
+    import http.client
+
+    def tokens() -> float:
+        return server.metric("bucketserve_output_tokens_total")
+
+    before = tokens()
+    conn = http.client.HTTPConnection("127.0.0.1", gateway, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps(
+        {"model": "bucketserve", "prompt": PROMPT, "max_tokens": 1500, "ignore_eos": True, "stream": True}),
+        {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    while not response.readline().startswith(b"data: "):
+        pass
+    conn.close()
+    deadline = time.monotonic() + 60
+    while server.metric("bucketserve_requests_running") > 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)  # the metrics port refreshes just after the last response
+    generated = tokens() - before
+    assert server.metric("bucketserve_requests_running") == 0
+    assert 1 <= generated < 500, f"{generated} tokens generated after the client left"
