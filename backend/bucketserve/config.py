@@ -80,6 +80,9 @@ class EngineConfig:
     """A request with slo_ms jumps the queue once this share of its slo_ms has passed."""
     cancel_poll_ms: int = 50
     """How often the response thread asks Triton whether clients cancelled their requests."""
+    max_queue_size: int = 1024
+    """Requests waiting for prefill beyond which new ones are refused at once with UNAVAILABLE, so an
+    overload costs a retry instead of unbounded memory and latency; 0 means unbounded."""
 
     def __post_init__(self) -> None:
         positive = ("max_num_seqs", "max_prefill_tokens", "kv_cache_growth", "max_decode_groups", "default_max_tokens", "cancel_poll_ms")
@@ -89,7 +92,7 @@ class EngineConfig:
         for name in ("num_threads", "max_model_len"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"parameter {name} must be >= 0, got {getattr(self, name)}")
-        for name in ("kv_cache_bytes", "max_queue_delay_ms"):
+        for name in ("kv_cache_bytes", "max_queue_delay_ms", "max_queue_size"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"parameter {name} must be >= 0, got {getattr(self, name)}")
         for name in ("kv_cache_memory_fraction", "kv_safety", "bucket_theta", "bucket_merge_ratio", "deadline_urgency"):

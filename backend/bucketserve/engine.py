@@ -35,8 +35,11 @@ Emit = Callable[[list[Event]], None]
 
 class Engine:
     def __init__(self, runner: Runner, scheduler: Scheduler, emit: Emit, log: Callable[[str], None] = print,
-                 monitor: Monitor | None = None):
+                 monitor: Monitor | None = None, max_queue_size: int = 0):
         self.runner = runner
+        self.max_queue_size = max_queue_size
+        self._arriving = 0  # submitted, not yet taken from the inbox
+        self._arriving_lock = threading.Lock()
         self.scheduler = scheduler
         self._emit_to = emit
         self.log = log
@@ -54,7 +57,17 @@ class Engine:
         self._thread.start()
 
     def submit(self, request: Request) -> None:
+        with self._arriving_lock:
+            self._arriving += 1
         self._inbox.put(("add", request))
+
+    def waiting(self) -> int:
+        """Requests submitted and not yet admitted to the running set (any thread may ask)."""
+        return self._arriving + len(self.scheduler.waiting)
+
+    def queue_full(self) -> bool:
+        """Whether ``max_queue_size`` requests already wait: the caller refuses new ones (UNAVAILABLE)."""
+        return bool(self.max_queue_size) and self.waiting() >= self.max_queue_size
 
     def abort(self, request_id: int, reason: FinishReason = FinishReason.CANCELLED) -> None:
         """End a request early (cancelled by its client, or stopped by a stop word)."""
@@ -72,6 +85,8 @@ class Engine:
                 return
             block = False
             if kind == "add":
+                with self._arriving_lock:
+                    self._arriving -= 1
                 self._add(item)
             elif kind == "abort":
                 request_id, reason = item

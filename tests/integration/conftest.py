@@ -70,10 +70,12 @@ class Server:
         raise KeyError(f"{name} {wanted}")
 
 
-def start_server(model_path: Path, log: Path, timeout: float = 300) -> Server:
+def start_server(model_path: Path, log: Path, timeout: float = 300, repository: Path | None = None) -> Server:
     http, grpc, metrics = free_ports(3)
     cmd = [sys.executable, "-m", "bucketserve.cli", "serve", "--model-path", str(model_path),
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    if repository is not None:
+        cmd += ["--model-repository", str(repository)]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
     server = Server(http, grpc, metrics, proc, log)
     deadline = time.monotonic() + timeout

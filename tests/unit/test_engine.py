@@ -47,13 +47,13 @@ class Collector:
 
 
 def new_engine(runner: Runner, max_num_seqs: int = 4, policy: str = "continuous",
-               kv_cache_bytes: int = 1 << 30) -> tuple[Engine, Collector]:
+               kv_cache_bytes: int = 1 << 30, max_queue_size: int = 0) -> tuple[Engine, Collector]:
     """An engine (not started) whose events go to a fresh Collector."""
     collector = Collector()
     config = EngineConfig(max_num_seqs=max_num_seqs, max_prefill_tokens=600, scheduler_policy=policy,
                           kv_cache_bytes=kv_cache_bytes, kv_safety=1.0)
     scheduler = build_scheduler(config, runner.kv_cost().bytes_per_token, None, runner.max_position_embeddings)
-    return Engine(runner, scheduler, collector), collector
+    return Engine(runner, scheduler, collector, max_queue_size=max_queue_size), collector
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +243,20 @@ def test_a_request_finished_by_prefill_gets_its_final_even_if_that_steps_decode_
     engine.stop()
     assert [e.finish for e in collector.finals[survivor.id]] == [FinishReason.LENGTH]
     assert [e.finish for e in collector.finals[victim.id]] == [FinishReason.ERROR]
+
+
+def test_the_waiting_queue_is_bounded_and_frees_up_as_requests_run(runner):
+    engine, collector = new_engine(runner, max_num_seqs=2, max_queue_size=3)
+    burst = [make(runner, p, max_tokens=4) for p in PROMPTS[:3]]
+    for r in burst:
+        assert not engine.queue_full()
+        engine.submit(r)
+    assert engine.waiting() == 3 and engine.queue_full()  # nothing admitted yet: the engine is not started
+    engine.start()
+    collector.wait([r.id for r in burst])
+    assert engine.waiting() == 0 and not engine.queue_full()
+    later = make(runner, PROMPTS[3], max_tokens=4)
+    engine.submit(later)
+    collector.wait([later.id])
+    engine.stop()
+    assert all(len(collector.finals[r.id]) == 1 for r in [*burst, later])

@@ -68,7 +68,7 @@ class TritonPythonModel:
                              f"at {self.max_model_len} tokens")
         self.metrics = EngineMetrics(model_config["name"])
         self.engine = Engine(self.runner, self.scheduler, emit=lambda events: self.responses.put(events),
-                             log=self.logger.log_error)
+                             log=self.logger.log_error, max_queue_size=self.config.max_queue_size)
         self.responses = ResponseThread(self.runner.tokenizer, self.engine, self.config.cancel_poll_ms / 1000,
                                         log=self.logger.log_error, on_tick=lambda: self.metrics.update(self.engine.monitor))
         self.responses.start()
@@ -88,6 +88,12 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> None:
         for triton_request in requests:
             sender = triton_request.get_response_sender()
+            # only this thread submits, so the queue cannot fill between this check and the submit below
+            if self.engine.queue_full():
+                sender.send(error_response(
+                    f"server is overloaded: {self.engine.waiting()} requests are waiting (max_queue_size "
+                    f"{self.config.max_queue_size}); retry later", pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
+                continue
             try:
                 request = self._parse(triton_request)
             except InvalidInput as e:
