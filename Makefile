@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: setup serve test bench bench-tools clean
+.PHONY: setup serve test bench bench-tools stress clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ bench: setup
 # genai-perf and perf_analyzer against the server (installs genai-perf into .venv-tools once)
 bench-tools: setup
 	scripts/bench-tools.sh
+
+# exactly-once under stress at full size: 2,000 requests over 64 streams (a few minutes)
+stress: setup
+	scripts/stress.sh
 
 clean:
 	rm -rf $(VENV) .venv-tools .pytest_cache
