@@ -228,6 +228,16 @@ def _validate(s: SamplingParams, priority: int, slo_ms: int | None) -> None:
         raise InvalidInput(f"slo_ms must be >= 1, got {slo_ms}")
 
 
+def check_prompt_bytes(prompt: str, max_model_len: int, max_token_bytes: int) -> None:
+    """Refuse, before tokenizing it, a prompt too many bytes long to fit the context in any tokenization:
+    each token covers at most ``max_token_bytes`` bytes, so such a prompt has more tokens than the context."""
+    size = len(prompt.encode("utf-8"))
+    limit = max_model_len * max_token_bytes
+    if size > limit:
+        raise InvalidInput(f"prompt is {size} bytes: more than the {max_model_len}-token context can hold "
+                           f"(at most {limit} bytes with this tokenizer)")
+
+
 def check_lengths(prompt_len: int, max_tokens: int, max_model_len: int) -> None:
     """Prompt and output must fit the context, or the request could never finish."""
     if prompt_len >= max_model_len:

@@ -72,6 +72,8 @@ class Runner:
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else min(self.eos_ids, default=0)
         self.max_position_embeddings = int(getattr(config, "max_position_embeddings", 2048))
+        # no token stands for more bytes of text than its own spelling takes: an upper bound per token
+        self.max_token_bytes = max((len(t.encode("utf-8")) for t in self.tokenizer.get_vocab()), default=1)
         self.sampler = Sampler(self.device, self.eos_ids)
         self.max_decode_groups = max_decode_groups
         self.groups: list[DecodeGroup] = []

@@ -50,6 +50,7 @@ GRPC_CASES: list[tuple[str, list, str]] = [
     ("empty prompt", [prompt(b"")], "text_input is empty"),
     ("invalid UTF-8 prompt", [prompt(b"\xff\xfe\xfd")], "text_input is not valid UTF-8"),
     ("prompt beyond the context", [prompt(HUGE)], "longer than the context allows"),
+    ("a megabyte of prompt", [prompt(b"x" * 1_000_000)], "more than the 2048-token context can hold"),
     ("sampling_parameters not JSON", [prompt(), sampling("{max_tokens: 4")], "sampling_parameters is not valid JSON"),
     ("sampling_parameters a JSON array", [prompt(), sampling([1, 2])], "must be a JSON object, got list"),
     ("unknown sampling key", [prompt(), sampling({"beam_width": 4})], "unknown key 'beam_width'"),

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bucketserve.inputs import InvalidInput, check_lengths, parse_request
+from bucketserve.inputs import InvalidInput, check_lengths, check_prompt_bytes, parse_request
 
 
 def text(s: str | bytes) -> np.ndarray:
@@ -97,3 +97,14 @@ def test_lengths_must_fit_the_context():
         check_lengths(100, 1, 100)
     with pytest.raises(InvalidInput, match="beyond the context"):
         check_lengths(10, 91, 100)
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(tokenizer):
+    max_token_bytes = max(len(t.encode("utf-8")) for t in tokenizer.get_vocab())
+    # the bound is safe: text built of the longest-spelled tokens still has at least bytes / bound tokens
+    longest = max(tokenizer.get_vocab(), key=lambda t: len(t.encode("utf-8")))
+    text = tokenizer.convert_tokens_to_string([longest] * 50)
+    assert len(tokenizer(text, add_special_tokens=False).input_ids) >= len(text.encode()) / max_token_bytes
+    check_prompt_bytes("x" * (100 * max_token_bytes), 100, max_token_bytes)
+    with pytest.raises(InvalidInput, match=f"prompt is {100 * max_token_bytes + 2} bytes: more than the 100-token"):
+        check_prompt_bytes("é" * (50 * max_token_bytes + 1), 100, max_token_bytes)

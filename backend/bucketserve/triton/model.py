@@ -9,7 +9,7 @@ import triton_python_backend_utils as pb_utils
 
 from bucketserve.config import EngineConfig
 from bucketserve.engine import Engine
-from bucketserve.inputs import InvalidInput, check_lengths, parse_request
+from bucketserve.inputs import InvalidInput, check_lengths, check_prompt_bytes, parse_request
 from bucketserve.model_builder import default_model_dir, is_built
 from bucketserve.request import Request
 from bucketserve.runner import Runner
@@ -77,6 +77,7 @@ class TritonPythonModel:
     def _parse(self, request: Any) -> Request:
         parsed = parse_request(read_tensors(request), read_parameters(request),
                                self.config.default_max_tokens, self.config.default_temperature)
+        check_prompt_bytes(parsed.prompt, self.max_model_len, self.runner.max_token_bytes)
         ids = self.runner.tokenize(parsed.prompt)
         check_lengths(len(ids), parsed.sampling.max_tokens, self.max_model_len)
         request = Request(parsed.prompt, ids, parsed.sampling, parsed.options, parsed.priority, parsed.slo_ms)
