@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import signal
 import socket
 import subprocess
@@ -15,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from bucketserve_client.scrape import series
 
 pytestmark = pytest.mark.integration
 
@@ -59,15 +60,11 @@ class Server:
             return r.read().decode()
 
     def metric(self, name: str, model: str = "bucketserve", **labels: str) -> float:
-        """The value of one series on the metrics port: ``name`` for ``model`` with these labels."""
-        wanted = {"model": model, **labels}
-        for line in self.metrics_text().splitlines():
-            found = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
-            if found and found[1] == name:
-                have = dict(re.findall(r'(\w+)="([^"]*)"', found[2] or ""))
-                if all(have.get(k) == v for k, v in wanted.items()):
-                    return float(found[3])
-        raise KeyError(f"{name} {wanted}")
+        """The value of one ``bucketserve_`` series on the metrics port: ``name`` for ``model`` with these labels."""
+        for have, value in series(self.metrics_text(), model).get(name, []):
+            if all(have.get(k) == v for k, v in labels.items()):
+                return value
+        raise KeyError(f"{name} {model} {labels}")
 
 
 def start_server(model_path: Path, log: Path, timeout: float = 300, repository: Path | None = None) -> Server:
