@@ -10,6 +10,7 @@ are refused with 400 rather than ignored.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 import uuid
@@ -90,11 +91,24 @@ class Gateway:
             yield {"model_name": model, "inputs": build_inputs(prompt, True, sampling, echo),
                    "enable_empty_final_response": True}
 
-        # cancelling this generator's task (the HTTP client left) cancels the gRPC call, and Triton the request
-        async for result, error in self.client.stream_infer(requests()):
-            if error is not None:
-                raise error if isinstance(error, InferenceServerException) else InferenceServerException(str(error))
-            yield response_fields(result)
+        call = self.client.stream_infer(requests())
+        failure = None
+        finished = False
+        try:
+            # read to the end, errors included: the server closes the stream after the final answer
+            async for result, error in call:
+                if error is not None:
+                    failure = failure or error
+                    continue
+                yield response_fields(result)
+            finished = True
+        finally:
+            # closed early (the HTTP client left): cancel the gRPC call, and with it the Triton request. Only
+            # then: cancelling a finished call races its final response in Triton 2.51 (see tests/stress.py)
+            if not finished:
+                call.cancel()
+        if failure is not None:
+            raise failure if isinstance(failure, InferenceServerException) else InferenceServerException(str(failure))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         from tritonclient.utils import InferenceServerException
@@ -114,16 +128,17 @@ class Gateway:
             return _error(400, str(e))
         meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": model}
-        responses = self._responses(model, prompt, sampling, bool(body.get("echo")))
-        if body.get("stream"):
-            usage_wanted = bool((body.get("stream_options") or {}).get("include_usage"))
-            return await self._stream(request, responses, meta, usage_wanted)
-        parts = []
-        try:
-            async for part in responses:
-                parts.append(part)
-        except InferenceServerException as e:
-            return _error(500 if parts else http_status(e), e.message())
+        # closed as soon as the handler ends, also when it is cancelled because the client left
+        async with contextlib.aclosing(self._responses(model, prompt, sampling, bool(body.get("echo")))) as responses:
+            if body.get("stream"):
+                usage_wanted = bool((body.get("stream_options") or {}).get("include_usage"))
+                return await self._stream(request, responses, meta, usage_wanted)
+            parts = []
+            try:
+                async for part in responses:
+                    parts.append(part)
+            except InferenceServerException as e:
+                return _error(500 if parts else http_status(e), e.message())
         text = "".join(p[0] for p in parts)
         reason = next((p[1] for p in reversed(parts) if p[1]), None)
         usage = self._usage(parts)
