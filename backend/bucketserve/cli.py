@@ -22,7 +22,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     try:
         return server.serve(args.model_repository, args.model_path, args.http_port, args.grpc_port,
-                            args.metrics_port, args.address, args.ready_timeout, args.tritonserver_arg)
+                            args.metrics_port, args.address, args.ready_timeout, args.tritonserver_arg,
+                            args.stub_watch_s)
     except server.LaunchError as e:
         print(f"[bucketserve] ERROR: {e}", file=sys.stderr)
         return 1
@@ -44,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for READY")
     s.add_argument("--tritonserver-arg", action="append", default=[],
                    help="extra tritonserver flag, e.g. --tritonserver-arg=--log-verbose=1 (repeatable)")
+    s.add_argument("--stub-watch-s", type=float, default=1.0,
+                   help="how often to check the models' Python stub processes; when one has died, stop "
+                        "tritonserver (exit code 3) so health checks fail and a supervisor restarts it. 0: off")
     s.set_defaults(func=_serve)
     b = sub.add_parser("build-model", help="write the default model (seeded random Llama + BPE tokenizer)")
     model_builder.add_arguments(b)

@@ -78,6 +78,9 @@ class EngineConfig:
     """Each aging_ms a request waits lifts it one class (offline -> online -> urgent): nothing starves."""
     deadline_urgency: float = 0.5
     """A request with slo_ms jumps the queue once this share of its slo_ms has passed."""
+    slo_expiry: float = 1.0
+    """A request with slo_ms still waiting for its first token after slo_expiry x slo_ms ends with a
+    "deadline exceeded" error (UNAVAILABLE) instead of taking compute it can no longer use; 0 never."""
     cancel_poll_ms: int = 50
     """How often the response thread asks Triton whether clients cancelled their requests."""
     max_queue_size: int = 1024
@@ -92,7 +95,7 @@ class EngineConfig:
         for name in ("num_threads", "max_model_len"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"parameter {name} must be >= 0, got {getattr(self, name)}")
-        for name in ("kv_cache_bytes", "max_queue_delay_ms", "max_queue_size"):
+        for name in ("kv_cache_bytes", "max_queue_delay_ms", "max_queue_size", "slo_expiry"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"parameter {name} must be >= 0, got {getattr(self, name)}")
         for name in ("kv_cache_memory_fraction", "kv_safety", "bucket_theta", "bucket_merge_ratio", "deadline_urgency"):

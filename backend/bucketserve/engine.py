@@ -3,8 +3,8 @@
 ``submit`` and ``abort`` may be called from any thread; they only enqueue. Each step the thread
 prefills the policy's next batch, then runs one decode step for every running sequence
 (continuous batching): finished sequences leave at once and their KV memory is freed. Every
-request gets exactly one final event, whether it finishes, is aborted, fails or is still queued
-at shutdown.
+request gets exactly one final event, whether it finishes, is aborted, misses its deadline, fails or
+is still queued at shutdown. A forward pass that fails fails only the requests it was running.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Callable
 
 from bucketserve.monitor import Monitor, Snapshot
 from bucketserve.request import FinishReason, Request
-from bucketserve.runner import Runner
+from bucketserve.runner import Runner, StepOutput
 from bucketserve.scheduler import Scheduler
 
 
@@ -35,9 +35,10 @@ Emit = Callable[[list[Event]], None]
 
 class Engine:
     def __init__(self, runner: Runner, scheduler: Scheduler, emit: Emit, log: Callable[[str], None] = print,
-                 monitor: Monitor | None = None, max_queue_size: int = 0):
+                 monitor: Monitor | None = None, max_queue_size: int = 0, slo_expiry: float = 0.0):
         self.runner = runner
         self.max_queue_size = max_queue_size
+        self.slo_expiry = slo_expiry
         self._arriving = 0  # submitted, not yet taken from the inbox
         self._arriving_lock = threading.Lock()
         self.scheduler = scheduler
@@ -140,21 +141,44 @@ class Engine:
             self._aborted.clear()
             events += [Event(r, [], aborted[r.id]) for r in self.scheduler.running if r.id in aborted]
             self._retire(aborted)
+            self._expire(events)
             batch = self.scheduler.next_prefill()
             if batch:
                 self.monitor.on_prefill([r.prompt_len for r in batch])
-                tokens = self.runner.prefill(batch)
-                self.monitor.on_kv(self.runner.kv_bytes())
-                self._retire(self._advance(batch, tokens, events))
+                self._apply(self.runner.prefill(batch), events)
             if self.scheduler.running:
-                rows, tokens = self.runner.decode()
+                out = self.runner.decode()
                 self.monitor.on_decode(*self.runner.last_decode_positions)
-                self.monitor.on_kv(self.runner.kv_bytes())
-                self._retire(self._advance(rows, tokens, events))
+                self._apply(out, events)
+            self.monitor.on_oom_retries(self.runner.oom_retries)
         finally:
             # also when the step fails: requests it already finished must get their final event
             if events:
                 self.emit(events)
+
+    def _apply(self, out: StepOutput, events: list[Event]) -> None:
+        """Record a step's tokens; the rows whose forward failed end with an error, the rest go on."""
+        self.monitor.on_kv(self.runner.kv_bytes())
+        done = self._advance(out.rows, out.tokens, events)
+        if out.failed:
+            why = "; ".join(sorted({message for _, message in out.failed}))
+            self.log(f"forward passes failed even for single rows; failing those {len(out.failed)} requests: {why}")
+            done.update({r.id: FinishReason.ERROR for r, _ in out.failed})
+            events += [Event(r, [], FinishReason.ERROR, error=f"internal error in the model: {message}")
+                       for r, message in out.failed]
+        self._retire(done)
+
+    def _expire(self, events: list[Event]) -> None:
+        """End the requests whose deadline can no longer be met, waiting or running, before they take
+        another step's compute."""
+        now = time.monotonic()
+        expired = [(r, why) for r in self.scheduler.waiting if (why := r.missed_deadline(now, self.slo_expiry))]
+        self.scheduler.drop_waiting({r.id for r, _ in expired})
+        late = [(r, why) for r in self.scheduler.running if (why := r.missed_deadline(now, self.slo_expiry))]
+        self._retire({r.id: FinishReason.DEADLINE for r, _ in late})
+        for request, _ in expired:
+            request.finish(FinishReason.DEADLINE)
+        events += [Event(r, [], FinishReason.DEADLINE, error=why) for r, why in expired + late]
 
     def _advance(self, requests: list[Request], tokens: list[int], events: list[Event]) -> dict[int, FinishReason]:
         """Record one new token per request; return the requests that are now done."""

@@ -48,6 +48,21 @@ class SlabLayer(DynamicLayer):
         self.is_initialized = True
         self._set_length(n)
 
+    def rows(self, rows: slice) -> "SlabLayer":
+        """A layer over some rows of this one's slabs (views, not copies): what it writes, this one holds."""
+        view = SlabLayer.__new__(SlabLayer)
+        DynamicLayer.__init__(view)
+        view.growth = self.growth
+        view.slab_k, view.slab_v = self.slab_k[rows], self.slab_v[rows]
+        view.dtype, view.device, view.is_initialized = self.dtype, self.device, True
+        view._set_length(self.length)
+        return view
+
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` more positions in place (views taken afterwards then share it)."""
+        if self.length + n > self.slab_k.shape[-2]:
+            self.place([(self.keys, self.values)])
+
     def _set_length(self, n: int) -> None:
         self.length = n
         self.keys = self.slab_k[:, :, :n]
@@ -94,9 +109,41 @@ class PaddedKVCache:
 
     def append_column(self) -> torch.Tensor:
         """Extend the mask by the token about to be decoded; return the mask the model needs."""
-        ones = torch.ones((self.batch_size, 1), dtype=self.mask.dtype, device=self.mask.device)
-        self.mask = torch.cat([self.mask, ones], dim=1)
+        self.mask = self._with_columns(1)
         return self.mask
+
+    def _with_columns(self, n: int) -> torch.Tensor:
+        ones = torch.ones((self.batch_size, n), dtype=self.mask.dtype, device=self.mask.device)
+        return torch.cat([self.mask, ones], dim=1)
+
+    def mark(self) -> tuple[torch.Tensor, list[int]]:
+        """What ``rollback`` needs to undo a step that failed half-way (some layers written, some not)."""
+        return self.mask, [layer.length for layer in self.layers]
+
+    def rollback(self, mark: tuple[torch.Tensor, list[int]]) -> None:
+        self.mask, lengths = mark
+        for layer, n in zip(self.layers, lengths):
+            layer._set_length(n)
+
+    def split(self, at: int) -> tuple["PaddedKVCache", "PaddedKVCache"]:
+        """Rows ``[:at]`` and ``[at:]`` as two caches over the same slabs, with room for one more position,
+        so a step can run in two smaller forwards; ``advance(1)`` then makes this cache see their writes."""
+        for layer in self.layers:
+            layer.reserve(1)
+        return self._rows(slice(0, at)), self._rows(slice(at, None))
+
+    def _rows(self, rows: slice) -> "PaddedKVCache":
+        view = PaddedKVCache.__new__(PaddedKVCache)
+        view.layers = [layer.rows(rows) for layer in self.layers]
+        view.cache = Cache(layers=view.layers)
+        view.mask = self.mask[rows]
+        return view
+
+    def advance(self, n: int) -> None:
+        """Take ``n`` positions that views of this cache wrote as written here too."""
+        self.mask = self._with_columns(n)
+        for layer in self.layers:
+            layer._set_length(layer.length + n)
 
     def merge(self, other: "PaddedKVCache") -> None:
         """Append ``other``'s rows after ours, left-padding the shorter side to a common length."""

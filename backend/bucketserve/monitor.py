@@ -57,6 +57,12 @@ class Snapshot:
     output_tokens: int = 0
     slo_met: int = 0
     slo_missed: int = 0
+    expired: int = 0
+    """Requests ended because their deadline could no longer be met."""
+    failed: int = 0
+    """Requests ended by an error in the engine or the model."""
+    oom_retries: int = 0
+    """Forward passes that ran out of memory and were retried in halves."""
 
     @property
     def prefill_padding_total(self) -> float:
@@ -156,5 +162,11 @@ class Monitor:
                     met, missed = (met + 1, missed) if ttft * 1000 <= request.slo_ms else (met, missed + 1)
             elif request.slo_ms is not None and reason != FinishReason.CANCELLED.value:
                 missed += 1
-            self._update(output_tokens=s.output_tokens + request.num_output,
-                         slo_met=met, slo_missed=missed)
+            self._update(output_tokens=s.output_tokens + request.num_output, slo_met=met, slo_missed=missed,
+                         expired=s.expired + (reason == FinishReason.DEADLINE.value),
+                         failed=s.failed + (reason == FinishReason.ERROR.value))
+
+    def on_oom_retries(self, total: int) -> None:
+        with self._lock:
+            if total != self._snap.oom_retries:
+                self._update(oom_retries=total)

@@ -19,6 +19,7 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens reached
     CANCELLED = "cancelled"
     ERROR = "error"
+    DEADLINE = "deadline"  # its timeout passed, or its first token could no longer come within slo_ms
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class Request:
     options: OutputOptions = OutputOptions()
     priority: int = 0
     slo_ms: int | None = None
+    timeout_ms: float | None = None
+    """Triton's request timeout: the whole request must end by then."""
     id: int = field(default_factory=lambda: next(_ids))
     arrival_time: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING
@@ -84,6 +87,18 @@ class Request:
             return FinishReason.STOP
         if self.num_output >= self.sampling.max_tokens:
             return FinishReason.LENGTH
+        return None
+
+    def missed_deadline(self, now: float, slo_expiry: float) -> str | None:
+        """Why the request can no longer meet its deadline (so computing on is waste), if it cannot."""
+        waited_ms = (now - self.arrival_time) * 1000
+        if self.timeout_ms is not None and waited_ms >= self.timeout_ms:
+            return (f"deadline exceeded: the request's timeout of {self.timeout_ms:g} ms passed "
+                    f"after {self.num_output} output tokens")
+        if (slo_expiry and self.slo_ms is not None and self.first_token_time is None
+                and waited_ms >= slo_expiry * self.slo_ms):
+            return (f"deadline exceeded: no first token after {waited_ms:.0f} ms, past slo_ms {self.slo_ms} "
+                    f"x slo_expiry {slo_expiry:g}")
         return None
 
     def finish(self, reason: FinishReason) -> None:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from bucketserve.faults import FaultPlan
 from bucketserve.kv_cache import PaddedKVCache
 from bucketserve.memory import KVCostModel
 from bucketserve.request import Request
@@ -30,6 +31,23 @@ class DecodeGroup:
 
     def padding(self) -> int:
         return len(self.rows) * self.kv.length - self.real_positions()
+
+
+@dataclass
+class StepOutput:
+    """What one prefill or decode step produced: a token per row that ran, and the rows whose forward
+    failed even alone, with why (their KV is already dropped; every other row is unaffected)."""
+
+    rows: list[Request] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    failed: list[tuple[Request, str]] = field(default_factory=list)
+
+    def add(self, rows: Sequence[Request], tokens: list[int]) -> None:
+        self.rows += rows
+        self.tokens += tokens
+
+    def fail(self, rows: Sequence[Request], error: BaseException) -> None:
+        self.failed += [(r, f"{type(error).__name__}: {error}") for r in rows]
 
 
 def merged_padding(a: DecodeGroup, b: DecodeGroup) -> int:
@@ -79,12 +97,20 @@ class Runner:
         self.groups: list[DecodeGroup] = []
         self.last_decode_positions = (0, 0)
         """(cached positions, padding positions) the last decode step attended to."""
+        self.oom_retries = 0
+        """Forward passes that ran out of memory and were retried as two halves."""
+        self.fault_hook: Callable[[str, Sequence[Request]], None] | None = None
+        """Test-only (see faults.py): called before each forward with its stage and rows."""
         n_params = sum(p.numel() for p in self.model.parameters())
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.group_cost_positions = weight_bytes // self.kv_cost().bytes_per_token
         """One more forward per step reads the weights: as many bytes as this many cached positions."""
         log(f"loaded {config.model_type} ({n_params / 1e6:.1f}M parameters, {self.model.dtype}) "
             f"on {self.device} with {torch.get_num_threads()} threads")
+
+    def install_faults(self, spec: str) -> None:
+        """Test-only: fail the forward passes ``spec`` names (see faults.py)."""
+        self.fault_hook = FaultPlan.parse(spec, oom_error=torch.OutOfMemoryError)
 
     def kv_cost(self) -> KVCostModel:
         return KVCostModel.from_model_config(self.model.config, self.model.dtype.itemsize)
@@ -117,8 +143,32 @@ class Runner:
         return self.tokenizer(text).input_ids
 
     @torch.inference_mode()
-    def prefill(self, batch: Sequence[Request]) -> list[int]:
-        """Left-pad the prompts into one batch, run it, sample each first token, join the running set."""
+    def prefill(self, batch: Sequence[Request]) -> StepOutput:
+        """Run the batch's prompts, sample each first token, and add the rows to the running set. A
+        forward that fails (out of memory, or any error) is retried in halves down to single rows, so
+        only the rows that fail alone come back in ``failed``."""
+        out = StepOutput()
+        self._prefill(list(batch), out)
+        return out
+
+    def _prefill(self, batch: list[Request], out: StepOutput) -> None:
+        try:
+            self._inject("prefill", batch)
+            tokens, group = self._prefill_forward(batch)
+        except Exception as e:  # nothing was added to the running set yet
+            if len(batch) == 1:
+                out.fail(batch, e)
+                return
+            self._before_retry(e)
+            half = len(batch) // 2
+            self._prefill(batch[:half], out)
+            self._prefill(batch[half:], out)
+            return
+        self._place(group)
+        out.add(batch, tokens)
+
+    def _prefill_forward(self, batch: list[Request]) -> tuple[list[int], DecodeGroup]:
+        """Left-pad the prompts into one batch and run it."""
         length = max(r.prompt_len for r in batch)
         ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(batch), length), dtype=torch.long)
@@ -130,8 +180,17 @@ class Runner:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
         tokens = self.sampler(out.logits[:, -1, :], batch)
-        self._place(DecodeGroup(PaddedKVCache(out.past_key_values, mask, self.kv_cache_growth), list(batch)))
-        return tokens
+        return tokens, DecodeGroup(PaddedKVCache(out.past_key_values, mask, self.kv_cache_growth), batch)
+
+    def _inject(self, stage: str, rows: Sequence[Request]) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(stage, rows)
+
+    def _before_retry(self, error: Exception) -> None:
+        if isinstance(error, torch.OutOfMemoryError):
+            self.oom_retries += 1
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def _place(self, new: DecodeGroup) -> None:
         """Put newly prefilled rows where they cost least (see the class docstring)."""
@@ -164,23 +223,50 @@ class Runner:
         return [r for g in self.groups for r in g.rows]
 
     @torch.inference_mode()
-    def decode(self) -> tuple[list[Request], list[int]]:
-        """One token for every running row (each group feeds its rows' last tokens); returns the
-        rows and their tokens in the same order."""
+    def decode(self) -> StepOutput:
+        """One token for every running row (each group feeds its rows' last tokens). A forward that
+        fails is undone and retried in halves over the same cache, down to single rows: rows that
+        fail alone leave the running set and come back in ``failed``; every other row goes on."""
         assert self.groups
-        rows, tokens, positions, padded = [], [], 0, 0
+        out, positions, padded = StepOutput(), 0, 0
+        errors: dict[int, Exception] = {}
         for group in self.groups:
-            last = torch.tensor([[r.output_ids[-1]] for r in group.rows], dtype=torch.long, device=self.device)
-            position_ids = group.kv.positions()
             padded += group.padding()  # the column appended next is real in every row
-            mask = group.kv.append_column()
-            positions += mask.numel()
-            out = self.model(input_ids=last, attention_mask=mask, position_ids=position_ids,
-                             past_key_values=group.kv.cache, use_cache=True)
-            rows += group.rows
-            tokens += self.sampler(out.logits[:, -1, :], group.rows)
+            positions += group.kv.batch_size * (group.kv.length + 1)
+            tokens = self._decode(group.kv, group.rows, errors)
+            out.add([r for r in group.rows if r.id not in errors], [t for t in tokens if t is not None])
         self.last_decode_positions = (positions, padded)
-        return rows, tokens
+        if errors:
+            for request in [r for r in self.rows if r.id in errors]:
+                out.fail([request], errors[request.id])
+            self.drop(set(errors))
+        return out
+
+    def _decode(self, kv: PaddedKVCache, rows: list[Request], errors: dict[int, Exception]) -> list[int | None]:
+        """One forward for ``rows``: their tokens, None for a row whose own forward failed (in ``errors``)."""
+        mark = kv.mark()
+        try:
+            self._inject("decode", rows)
+            return self._decode_forward(kv, rows)
+        except Exception as e:
+            kv.rollback(mark)  # undo the layers it wrote before failing
+            if len(rows) == 1:
+                errors[rows[0].id] = e
+                return [None]
+            self._before_retry(e)
+            half = len(rows) // 2
+            first, second = kv.split(half)
+            tokens = self._decode(first, rows[:half], errors) + self._decode(second, rows[half:], errors)
+            kv.advance(1)
+            return tokens
+
+    def _decode_forward(self, kv: PaddedKVCache, rows: list[Request]) -> list[int]:
+        last = torch.tensor([[r.output_ids[-1]] for r in rows], dtype=torch.long, device=self.device)
+        position_ids = kv.positions()
+        mask = kv.append_column()
+        out = self.model(input_ids=last, attention_mask=mask, position_ids=position_ids,
+                         past_key_values=kv.cache, use_cache=True)
+        return self.sampler(out.logits[:, -1, :], rows)
 
     def drop(self, ids: set[int]) -> None:
         """Finished or aborted sequences leave; their KV rows are freed and their groups compacted."""
@@ -188,9 +274,7 @@ class Runner:
             keep = [i for i, r in enumerate(group.rows) if r.id not in ids]
             if len(keep) == len(group.rows):
                 continue
-            for r in group.rows:
-                if r.id in ids:
-                    self.sampler.forget(r.id)
+            self._forget([r for r in group.rows if r.id in ids])
             if keep:
                 group.kv.select(keep)
                 group.rows = [group.rows[i] for i in keep]
@@ -198,10 +282,13 @@ class Runner:
                 self.groups.remove(group)
         self._consolidate()
 
+    def _forget(self, rows: list[Request]) -> None:
+        for request in rows:
+            self.sampler.forget(request.id)
+
     def reset(self) -> None:
         """Forget the whole running set (after a failed step)."""
-        for request in self.rows:
-            self.sampler.forget(request.id)
+        self._forget(self.rows)
         self.groups = []
 
     def kv_bytes(self) -> int:

@@ -100,6 +100,10 @@ class Scheduler:
                 return request
         return None
 
+    def drop_waiting(self, ids: set[int]) -> None:
+        if ids:
+            self.waiting = deque(r for r in self.waiting if r.id not in ids)
+
     def retire(self, done: dict[int, FinishReason]) -> None:
         """Finish the running requests named in ``done``; they leave the running set."""
         for request in self.running:

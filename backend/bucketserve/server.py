@@ -24,6 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bucketserve.config import MODEL_PATH_ENV
+from bucketserve.watchdog import StubWatch
+
+STUB_DIED_EXIT = 3
+"""Exit code of ``bucketserve serve`` after it stopped tritonserver because a model's stub died."""
 
 
 class LaunchError(RuntimeError):
@@ -103,8 +107,26 @@ def failure_reason(lines: collections.deque) -> str:
     return "\n".join(picked[-15:] or list(lines)[-15:])
 
 
+def watch_stubs(proc: subprocess.Popen, watch: StubWatch, stopping: threading.Event, interval: float) -> int:
+    """Wait for tritonserver; if a model's stub dies first, stop it (health checks then fail) and
+    return STUB_DIED_EXIT."""
+    while proc.poll() is None:
+        time.sleep(interval)
+        dead = watch.dead()
+        if dead and not stopping.is_set() and proc.poll() is None:
+            names = ", ".join(f"{model} (pid {pid})" for pid, model in sorted(dead.items()))
+            print(f"[bucketserve] ERROR: the Python stub process of {names} died; Triton would go on reporting "
+                  f"READY and fail every request to it, so stopping tritonserver for a supervisor to restart",
+                  file=sys.stderr, flush=True)
+            stopping.set()
+            proc.terminate()
+            proc.wait()
+            return STUB_DIED_EXIT
+    return proc.returncode
+
+
 def serve(model_repository: Path, model_path: Path | None, http_port: int, grpc_port: int, metrics_port: int,
-          address: str, ready_timeout: float, extra: list[str]) -> int:
+          address: str, ready_timeout: float, extra: list[str], stub_watch_s: float = 1.0) -> int:
     """Run tritonserver until it exits or we are signalled; return its exit code."""
     with tempfile.TemporaryDirectory(prefix="bucketserve-backends-") as tmp:
         cmd = build_command(model_repository.resolve(), Path(tmp), http_port, grpc_port, metrics_port,
@@ -125,7 +147,10 @@ def serve(model_repository: Path, model_path: Path | None, http_port: int, grpc_
 
         threading.Thread(target=pump, daemon=True).start()
 
+        stopping = threading.Event()
+
         def forward(signum: int, _frame: object) -> None:
+            stopping.set()  # the stubs now exit because we asked, not because they failed
             if proc.poll() is None:
                 proc.send_signal(signum)
 
@@ -148,6 +173,9 @@ def serve(model_repository: Path, model_path: Path | None, http_port: int, grpc_
             time.sleep(0.25)
         print(f"[bucketserve] READY: HTTP {address}:{http_port}, gRPC {address}:{grpc_port}, "
               f"metrics {address}:{metrics_port}", flush=True)
-        code = proc.wait()
+        if stub_watch_s > 0:
+            code = watch_stubs(proc, StubWatch(proc.pid), stopping, stub_watch_s)
+        else:
+            code = proc.wait()
         print(f"[bucketserve] tritonserver exited with code {code}", flush=True)
         return code

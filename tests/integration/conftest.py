@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -67,13 +68,15 @@ class Server:
         raise KeyError(f"{name} {model} {labels}")
 
 
-def start_server(model_path: Path, log: Path, timeout: float = 300, repository: Path | None = None) -> Server:
+def start_server(model_path: Path, log: Path, timeout: float = 300, repository: Path | None = None,
+                 env: dict[str, str] | None = None) -> Server:
     http, grpc, metrics = free_ports(3)
     cmd = [sys.executable, "-m", "bucketserve.cli", "serve", "--model-path", str(model_path),
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
     if repository is not None:
         cmd += ["--model-repository", str(repository)]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env=None if env is None else {**os.environ, **env})
     server = Server(http, grpc, metrics, proc, log)
     deadline = time.monotonic() + timeout
     while "[bucketserve] READY" not in log.read_text():

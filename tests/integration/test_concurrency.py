@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import queue
 import random
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -73,6 +76,30 @@ def test_cancellation_answers_cancelled_and_frees_the_sequence(server, stream):
     assert len(errors) == 1 and "CANCELLED" in str(errors[0].status()), received
     wait_for(lambda: server.metric("bucketserve_requests_running") == 0
              and server.metric("bucketserve_kv_cache_bytes") == 0)
+    assert BucketServeClient(server.grpc_url).generate("still there?", max_tokens=3).num_output_tokens == 3
+
+
+def test_an_http_client_leaving_generate_stream_cancels_its_sequence(server):
+    """Triton's HTTP frontend tells the model when a generate_stream client hangs up."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.http, timeout=60)
+    body = {"text_input": "tell me everything", "max_tokens": 1500, "ignore_eos": True, "temperature": 0,
+            "stream": True}
+    try:
+        conn.request("POST", "/v2/models/bucketserve/generate_stream", json.dumps(body),
+                     {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200
+        for _ in range(3):  # three server-sent events: it is generating
+            while not response.fp.readline().startswith(b"data:"):
+                pass
+        wait_for(lambda: server.metric("bucketserve_kv_cache_bytes") > 0)
+        assert server.metric("bucketserve_requests_running") == 1
+        conn.sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        conn.close()
+    # 1,500 tokens take tens of seconds here: freed within a few seconds means cancelled, not finished
+    wait_for(lambda: server.metric("bucketserve_requests_running") == 0
+             and server.metric("bucketserve_kv_cache_bytes") == 0, timeout=10)
     assert BucketServeClient(server.grpc_url).generate("still there?", max_tokens=3).num_output_tokens == 3
 
 

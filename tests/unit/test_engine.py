@@ -7,9 +7,11 @@ import time
 from collections import defaultdict
 
 import pytest
+import torch
 
 from bucketserve.config import EngineConfig
 from bucketserve.engine import Engine, Event
+from bucketserve.faults import FaultPlan, InjectedFault, parse_rule
 from bucketserve.policy import POLICIES
 from bucketserve.request import FinishReason, Request, SamplingParams
 from bucketserve.runner import Runner
@@ -46,14 +48,14 @@ class Collector:
             assert self.done.wait_for(lambda: all(i in self.finals for i in ids), timeout)
 
 
-def new_engine(runner: Runner, max_num_seqs: int = 4, policy: str = "continuous",
-               kv_cache_bytes: int = 1 << 30, max_queue_size: int = 0) -> tuple[Engine, Collector]:
+def new_engine(runner: Runner, max_num_seqs: int = 4, policy: str = "continuous", kv_cache_bytes: int = 1 << 30,
+               max_queue_size: int = 0, slo_expiry: float = 0.0) -> tuple[Engine, Collector]:
     """An engine (not started) whose events go to a fresh Collector."""
     collector = Collector()
     config = EngineConfig(max_num_seqs=max_num_seqs, max_prefill_tokens=600, scheduler_policy=policy,
                           kv_cache_bytes=kv_cache_bytes, kv_safety=1.0)
     scheduler = build_scheduler(config, runner.kv_cost().bytes_per_token, None, runner.max_position_embeddings)
-    return Engine(runner, scheduler, collector, max_queue_size=max_queue_size), collector
+    return Engine(runner, scheduler, collector, max_queue_size=max_queue_size, slo_expiry=slo_expiry), collector
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +262,130 @@ def test_the_waiting_queue_is_bounded_and_frees_up_as_requests_run(runner):
     collector.wait([later.id])
     engine.stop()
     assert all(len(collector.finals[r.id]) == 1 for r in [*burst, later])
+
+
+def faults(runner: Runner, monkeypatch, *rules: str) -> None:
+    monkeypatch.setattr(runner, "fault_hook", FaultPlan([parse_rule(r) for r in rules], oom_error=torch.OutOfMemoryError))
+
+
+def wait_for_tokens(collector: Collector, request: Request, n: int) -> None:
+    deadline = time.monotonic() + 60
+    while len(collector.tokens[request.id]) < n:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("stage", ["prefill", "decode"])
+def test_a_failing_row_fails_alone_and_its_batch_mates_go_on(runner, reference, monkeypatch, stage):
+    """The victim shares its prefill batch and decode group with others: the failed forward is undone
+    and retried in halves until only the victim's own forward fails."""
+    faults(runner, monkeypatch, f"{stage}:error:text=BOOM")
+    engine, collector = new_engine(runner, max_num_seqs=6)
+    mates = [make(runner, p, max_tokens=30) for p in PROMPTS[:5]]
+    victim = make(runner, "BOOM " + PROMPTS[2], max_tokens=30)
+    for r in [*mates[:3], victim, *mates[3:]]:
+        engine.submit(r)
+    engine.start()  # queued together, they share prefill batches and decode groups
+    collector.wait([r.id for r in [*mates, victim]])
+    after = make(runner, PROMPTS[3], max_tokens=10)
+    engine.submit(after)
+    collector.wait([after.id])
+    engine.stop()
+    [final] = collector.finals[victim.id]
+    assert final.finish is FinishReason.ERROR and "InjectedFault" in final.error
+    assert len(collector.tokens[victim.id]) == (0 if stage == "prefill" else 1)  # decode: its prefill token came
+    for r in [*mates, after]:
+        assert [e.error for e in collector.finals[r.id]] == [None]
+        assert collector.tokens[r.id] == reference(r.prompt_ids, r.sampling.max_tokens)
+    assert engine.stats.failed == 1 and runner.groups == [] and runner.kv_bytes() == 0
+
+
+def test_out_of_memory_is_retried_in_halves_without_changing_a_token(runner, reference, monkeypatch):
+    """Every forward of more than one row runs out of memory: prefill batches and decode groups are
+    split down to single rows over the same KV slabs, and greedy tokens stay exactly generate()'s."""
+    faults(runner, monkeypatch, "prefill:oom:rows>1", "decode:oom:rows>1")
+    monkeypatch.setattr(runner, "kv_cache_growth", 3)  # slabs regrow often, also while split
+    retries = runner.oom_retries
+    engine, collector = new_engine(runner, max_num_seqs=5)
+    requests = [make(runner, p, max_tokens=12 + 3 * i) for i, p in enumerate(PROMPTS[:5])]
+    for r in requests:
+        engine.submit(r)
+    engine.start()  # all five share the first prefill batch and then one decode group
+    collector.wait([r.id for r in requests])
+    engine.stop()
+    for r in requests:
+        assert [e.error for e in collector.finals[r.id]] == [None]
+        assert collector.tokens[r.id] == reference(r.prompt_ids, r.sampling.max_tokens), r.prompt[:30]
+    assert runner.oom_retries - retries > 12 and engine.stats.oom_retries == runner.oom_retries
+
+
+def test_a_row_out_of_memory_alone_fails_and_the_engine_keeps_serving(runner, reference, monkeypatch):
+    faults(runner, monkeypatch, "decode:oom:text=BOOM")
+    engine, collector = new_engine(runner)
+    victim = make(runner, "BOOM", max_tokens=20)
+    engine.submit(victim)
+    engine.start()
+    collector.wait([victim.id])
+    after = make(runner, PROMPTS[0], max_tokens=8)
+    engine.submit(after)
+    collector.wait([after.id])
+    engine.stop()
+    assert "OutOfMemoryError" in collector.finals[victim.id][0].error
+    assert collector.tokens[after.id] == reference(after.prompt_ids, 8)
+
+
+def test_fault_rules_parse_and_refuse_nonsense():
+    rule = parse_rule("decode:oom:rows>2")
+    assert rule.fires("decode", [object()] * 3) and not rule.fires("decode", [object()] * 2)
+    assert not rule.fires("prefill", [object()] * 3)
+    with pytest.raises(InjectedFault):
+        FaultPlan([parse_rule("prefill:error:text=X")], MemoryError)("prefill", [make_prompt("aXb")])
+    for bad in ("decode:oom", "encode:oom:rows>1", "decode:crash:rows>1", "decode:oom:rows>x", "decode:oom:text="):
+        with pytest.raises(ValueError):
+            parse_rule(bad)
+
+
+def make_prompt(text: str) -> Request:
+    return Request(text, [1], SamplingParams())
+
+
+def test_a_request_past_its_timeout_ends_waiting_or_running_and_frees_its_kv(runner):
+    engine, collector = new_engine(runner, max_num_seqs=1)
+    running = make(runner, PROMPTS[1], max_tokens=2000)
+    running.timeout_ms = 1500
+    queued = make(runner, "x", max_tokens=4)
+    queued.timeout_ms = 300
+    engine.submit(running)
+    engine.submit(queued)
+    engine.start()
+    collector.wait([running.id, queued.id])
+    [late], [expired] = collector.finals[running.id], collector.finals[queued.id]
+    assert expired.finish is FinishReason.DEADLINE and collector.tokens[queued.id] == []
+    assert "timeout of 300 ms passed after 0 output tokens" in expired.error
+    assert late.finish is FinishReason.DEADLINE and 0 < len(collector.tokens[running.id]) < 2000
+    assert "timeout of 1500 ms" in late.error
+    deadline = time.monotonic() + 10
+    while engine.stats.kv_bytes:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    engine.stop()
+    assert engine.stats.expired == 2
+
+
+@pytest.mark.parametrize("slo_expiry", [0.0, 1.0])
+def test_a_request_that_can_no_longer_get_its_first_token_in_time_is_ended(runner, slo_expiry):
+    engine, collector = new_engine(runner, max_num_seqs=1, slo_expiry=slo_expiry)
+    blocker = make(runner, PROMPTS[0], max_tokens=60)
+    hopeful = make(runner, "x", max_tokens=4)
+    hopeful = Request(hopeful.prompt, hopeful.prompt_ids, hopeful.sampling, slo_ms=50)
+    engine.submit(blocker)
+    engine.submit(hopeful)
+    engine.start()
+    collector.wait([blocker.id, hopeful.id])
+    engine.stop()
+    [final] = collector.finals[hopeful.id]
+    if slo_expiry:
+        assert final.finish is FinishReason.DEADLINE and "past slo_ms 50 x slo_expiry 1" in final.error
+    else:  # 0: late requests still run
+        assert final.finish is FinishReason.LENGTH and len(collector.tokens[hopeful.id]) == 4
+    assert collector.finals[blocker.id][0].finish is FinishReason.LENGTH

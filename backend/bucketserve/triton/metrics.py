@@ -34,6 +34,12 @@ COUNTERS: dict[str, tuple[str, Callable[[Snapshot], float]]] = {
     "bucketserve_slo_met_total": ("Requests with slo_ms whose first token came in time", lambda s: s.slo_met),
     "bucketserve_slo_missed_total": ("Requests with slo_ms whose first token came late (or never)",
                                      lambda s: s.slo_missed),
+    "bucketserve_requests_expired_total": ("Requests ended because their deadline (timeout or slo_ms) could "
+                                           "no longer be met", lambda s: s.expired),
+    "bucketserve_requests_failed_total": ("Requests ended by an error in the engine or the model",
+                                          lambda s: s.failed),
+    "bucketserve_oom_retries_total": ("Forward passes that ran out of memory and were retried in halves",
+                                      lambda s: s.oom_retries),
     "bucketserve_prefill_batches_total": ("Prefill batches run", lambda s: s.prefill_batches),
     "bucketserve_output_tokens_total": ("Tokens generated", lambda s: s.output_tokens),
     "bucketserve_prefill_positions_total": ("Prompt positions prefill batches computed, padding included",

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
 from bucketserve.config import EngineConfig
 from bucketserve.engine import Engine
+from bucketserve.faults import ENV as FAULTS_ENV
 from bucketserve.inputs import InvalidInput, check_lengths, check_prompt_bytes, parse_request
 from bucketserve.model_builder import default_model_dir, is_built
 from bucketserve.request import Request
@@ -59,6 +61,9 @@ class TritonPythonModel:
         self.runner = Runner(path, self.config.device, self.config.dtype, self.config.num_threads,
                              self.config.kv_cache_growth, self.config.max_decode_groups,
                              log=lambda m: self.logger.log_info(f"[bucketserve] {m}"))
+        if os.environ.get(FAULTS_ENV):
+            self.runner.install_faults(os.environ[FAULTS_ENV])
+            self.logger.log_warn(f"[bucketserve] test-only fault injection on: {os.environ[FAULTS_ENV]}")
         self.max_model_len = self.config.max_model_len or self.runner.max_position_embeddings
         free = self.runner.free_device_memory(self.config.max_prefill_tokens, self.max_model_len)
         self.scheduler = build_scheduler(self.config, self.runner.kv_cost().bytes_per_token, free, self.max_model_len)
@@ -68,19 +73,22 @@ class TritonPythonModel:
                              f"at {self.max_model_len} tokens")
         self.metrics = EngineMetrics(model_config["name"])
         self.engine = Engine(self.runner, self.scheduler, emit=lambda events: self.responses.put(events),
-                             log=self.logger.log_error, max_queue_size=self.config.max_queue_size)
+                             log=self.logger.log_error, max_queue_size=self.config.max_queue_size,
+                             slo_expiry=self.config.slo_expiry)
         self.responses = ResponseThread(self.runner.tokenizer, self.engine, self.config.cancel_poll_ms / 1000,
                                         log=self.logger.log_error, on_tick=lambda: self.metrics.update(self.engine.monitor))
         self.responses.start()
         self.engine.start()
 
-    def _parse(self, request: Any) -> Request:
-        parsed = parse_request(read_tensors(request), read_parameters(request),
+    def _parse(self, triton_request: Any) -> Request:
+        parsed = parse_request(read_tensors(triton_request), read_parameters(triton_request),
                                self.config.default_max_tokens, self.config.default_temperature)
         check_prompt_bytes(parsed.prompt, self.max_model_len, self.runner.max_token_bytes)
         ids = self.runner.tokenize(parsed.prompt)
         check_lengths(len(ids), parsed.sampling.max_tokens, self.max_model_len)
-        request = Request(parsed.prompt, ids, parsed.sampling, parsed.options, parsed.priority, parsed.slo_ms)
+        timeout_us = triton_request.timeout()
+        request = Request(parsed.prompt, ids, parsed.sampling, parsed.options, parsed.priority, parsed.slo_ms,
+                          timeout_ms=timeout_us / 1000 if timeout_us else None)
         reason = self.scheduler.too_big(request)
         if reason is not None:
             raise InvalidInput(reason)

@@ -124,7 +124,8 @@ class ResponseThread:
         if stream is None or stream.done:
             return
         if event.error is not None:
-            self._send(stream, error_response(event.error, pb_utils.TritonError.INTERNAL), final=True)
+            code = pb_utils.TritonError.UNAVAILABLE if event.finish is FinishReason.DEADLINE else pb_utils.TritonError.INTERNAL
+            self._send(stream, error_response(event.error, code), final=True)
             return
         if event.finish is FinishReason.CANCELLED:
             self._send(stream, error_response("request was cancelled", pb_utils.TritonError.CANCELLED), final=True)

@@ -1,0 +1,59 @@
+"""Notice when a model's Python stub process dies under a running tritonserver.
+
+Triton 2.51 keeps answering READY for a model whose stub was killed (OOM killer, a segfault in a
+native library) and fails every request to it with "Stub process ... is not healthy"; readiness
+learned to see this only in later releases (server PR #8552). ``bucketserve serve`` therefore
+watches the stubs itself and stops the server when one dies, so health checks fail and a
+supervisor (systemd, Kubernetes) restarts it instead of routing traffic to a dead model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+STUB = "triton_python_backend_stub"
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # the parent pid is the second field after the command, which is in parentheses
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def stubs(server_pid: int) -> dict[int, str]:
+    """The server's Python stub processes: pid -> model name (read from the model.py path each runs)."""
+    out = {}
+    for pid in children(server_pid):
+        argv = _cmdline(pid)
+        if argv and os.path.basename(argv[0]) == STUB and len(argv) > 1:
+            out[pid] = Path(argv[1]).parent.parent.name
+    return out
+
+
+class StubWatch:
+    """Remembers the stubs seen once the server is READY and reports those that have gone."""
+
+    def __init__(self, server_pid: int):
+        self.server_pid = server_pid
+        self.known = stubs(server_pid)
+
+    def dead(self) -> dict[int, str]:
+        alive = set(stubs(self.server_pid))
+        return {pid: model for pid, model in self.known.items() if pid not in alive}
