@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: setup serve test bench bench-tools stress clean
+.PHONY: setup serve test bench bench-tools stress soak burst clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,14 @@ bench-tools: setup
 # exactly-once under stress at full size: 2,000 requests over 64 streams (a few minutes)
 stress: setup
 	scripts/stress.sh
+
+# mixed load for 10 minutes; server RSS and KV over time (artifacts/soak/); fails on 5% RSS growth
+soak: setup
+	scripts/endurance.sh soak
+
+# a 10x-capacity burst between two calm phases: refusals, expiries, KV vs budget, recovery time (about 2 min)
+burst: setup
+	scripts/endurance.sh burst
 
 clean:
 	rm -rf $(VENV) .venv-tools .pytest_cache

@@ -90,13 +90,19 @@ class Ordering:
 
     def rank(self, request: Request, now: float) -> tuple:
         """Sort key; lower runs sooner. Classes: 0 urgent (earliest deadline first), 1 online
-        (oldest first), 2 offline (SJF or LJF). Waiting lifts a request a class per ``aging_ms``;
-        an aged request is urgent with a deadline of when it got there, so nothing starves."""
+        (oldest first), 2 offline (SJF or LJF). A request with ``slo_ms`` turns urgent (deadline
+        arrival + slo_ms) once ``deadline_urgency`` of it has passed; one without is lifted a class per
+        ``aging_ms`` it waits, urgent with a deadline of when it got there, so nothing starves."""
         waited_ms = (now - request.arrival_time) * 1000
         base = 1 if request.priority == ONLINE else 2
-        if request.slo_ms is not None and waited_ms >= self.deadline_urgency * request.slo_ms:
-            return (0, request.arrival_time + request.slo_ms / 1000, request.id)
-        tier = base - int(waited_ms // self.aging_ms)
+        if request.slo_ms is not None:
+            # its own deadline keeps it from starving; aging it too would give it an earlier deadline than
+            # its SLO, and under overload an aged offline backlog would then go before every online request
+            if waited_ms >= self.deadline_urgency * request.slo_ms:
+                return (0, request.arrival_time + request.slo_ms / 1000, request.id)
+            tier = base
+        else:
+            tier = base - int(waited_ms // self.aging_ms)
         if tier <= 0:
             return (0, request.arrival_time + base * self.aging_ms / 1000, request.id)
         if tier == 1:

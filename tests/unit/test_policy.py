@@ -77,6 +77,17 @@ def test_online_before_offline_then_deadlines_and_aging_lift_requests():
     assert order.rank(urgent, now=0.75) < order.rank(online, now=0.75)  # half its slo_ms has passed
 
 
+def test_requests_with_an_slo_are_ordered_by_their_deadline_not_aged_ahead_of_it():
+    """Found by the 10x burst: aging gave a 4 s old offline request (slo 10 s) the deadline "arrival +
+    4 s", already past, so an offline backlog went before every online request until the SLOs ran out."""
+    order = Ordering(aging_ms=2000, deadline_urgency=0.5)
+    backlog = req(10, priority=1, slo_ms=10_000, at=0.0)
+    online = req(10, priority=0, slo_ms=1000, at=3.9)
+    assert order.rank(online, now=4.5) < order.rank(backlog, now=4.5)  # online is urgent; backlog is not yet
+    assert order.rank(backlog, now=5.1)[0] == 0  # half its SLO: urgent, with its own deadline
+    assert order.rank(online, now=4.5)[1] < order.rank(backlog, now=5.1)[1]
+
+
 def test_a_bucket_that_cannot_fill_waits_for_its_queue_delay_while_the_engine_is_busy():
     policy = BucketPolicy(max_len=1024, max_queue_delay_ms=100)
     waiting = [req(10, at=1.0)]
