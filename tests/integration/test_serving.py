@@ -63,3 +63,23 @@ def test_stop_words_end_generation_early(server, tokenizer, reference):
     done = client.generate(PROMPT, max_tokens=24, temperature=0, stop=[word])
     assert done.finish_reason == "stop" and done.text == text[:text.index(word)]
     assert "".join(client.stream(PROMPT, max_tokens=24, temperature=0, stop=[word])) == done.text
+
+
+def listening(port: int) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp writes them) with a socket listening on ``port``."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hexport = local.rsplit(":", 1)
+            if state == "0A" and int(hexport, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+def test_bucketserve_serve_listens_on_loopback_only_by_default(server):
+    """README: the three ports listen on --address, 127.0.0.1 unless told otherwise."""
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1, and as IPv4-mapped IPv6 (gRPC)
+    for port in (server.http, server.grpc, server.metrics):
+        addresses = listening(port)
+        assert addresses and addresses <= loopback, (port, addresses)
