@@ -293,7 +293,7 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--out", type=Path, default=Path("artifacts") / name)
     soak_p, burst_p = sub.choices["soak"], sub.choices["burst"]
     soak_p.add_argument("--minutes", type=float, default=10.0)
-    soak_p.add_argument("--rate", type=float, default=3.0, help="offered requests per second")
+    soak_p.add_argument("--rate", type=float, default=2.0, help="offered requests per second")
     burst_p.add_argument("--capacity", type=float, default=7.0,
                          help="req/s the server sustains at 80%% SLO attainment (make bench measures it)")
     burst_p.add_argument("--burst-factor", type=float, default=10.0)

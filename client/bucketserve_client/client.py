@@ -111,6 +111,7 @@ class BucketServeClient:
             while not finished:
                 result, error = results.get()
                 if error is not None:
+                    finished = True  # an error ends the request: cancelling it now would race Triton
                     raise _error(error)
                 finished = is_final(result)
                 yield result

@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from bucketserve_client import BucketServeClient
+from bucketserve_client.client import BucketServeError
 
 
 def test_metrics_describe_a_mixed_run(server):
@@ -17,7 +18,8 @@ def test_metrics_describe_a_mixed_run(server):
             return 0.0
 
     counters = ("bucketserve_time_to_first_token_seconds_count", "bucketserve_slo_met_total",
-                "bucketserve_slo_missed_total", "bucketserve_output_tokens_total", "bucketserve_prefill_batches_total")
+                "bucketserve_slo_missed_total", "bucketserve_output_tokens_total", "bucketserve_prefill_batches_total",
+                "bucketserve_requests_expired_total")
 
     def settled() -> dict[str, float]:
         """Counters once they stop moving: earlier tests' last requests are counted by then."""
@@ -36,16 +38,24 @@ def test_metrics_describe_a_mixed_run(server):
                                            "priority": i % 2, "slo_ms": 60_000 if i % 3 else None})
             for i in range(12)]
     jobs.append(("late", {"max_tokens": 2, "temperature": 0, "ignore_eos": True, "slo_ms": 1}))
+
+    def run(job):
+        try:
+            return client.generate(job[0], **{k: v for k, v in job[1].items() if v is not None})
+        except BucketServeError as e:
+            return e
+
     with ThreadPoolExecutor(len(jobs)) as pool:
-        results = list(pool.map(lambda j: client.generate(j[0], **{k: v for k, v in j[1].items() if v is not None}),
-                                jobs))
-    assert [r.num_output_tokens for r in results] == [6] * 12 + [2]
+        results = list(pool.map(run, jobs))
+    assert [r.num_output_tokens for r in results[:12]] == [6] * 12
+    assert "deadline exceeded: no first token" in str(results[12])  # 1 ms cannot be met: it ends at once
     after = settled()
     delta = {name: after[name] - before[name] for name in counters}
-    assert delta["bucketserve_time_to_first_token_seconds_count"] == 13
-    assert delta["bucketserve_output_tokens_total"] == 6 * 12 + 2
+    assert delta["bucketserve_time_to_first_token_seconds_count"] == 12
+    assert delta["bucketserve_output_tokens_total"] == 6 * 12
     assert delta["bucketserve_slo_met_total"] == 8  # i % 3 != 0
-    assert delta["bucketserve_slo_missed_total"] == 1  # 1 ms cannot be met
+    assert delta["bucketserve_slo_missed_total"] == 1
+    assert delta["bucketserve_requests_expired_total"] == 1
     assert 1 <= delta["bucketserve_prefill_batches_total"] <= 13
     assert server.metric("bucketserve_prefill_batch_requests_count") >= 1
     assert server.metric("bucketserve_queue_depth", priority="0") == 0
