@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from bucketserve import model_builder, policy_bench, server
+from bucketserve.config import MODEL_PATH_ENV
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 
@@ -35,8 +37,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="start tritonserver with the BucketServe model repository")
     s.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY,
                    help="Triton model repository (default: this checkout's model_repository/)")
-    s.add_argument("--model-path", type=Path, default=None,
-                   help="Hugging Face causal-LM directory; overrides model_path in config.pbtxt")
+    env_model = os.environ.get(MODEL_PATH_ENV)
+    s.add_argument("--model-path", type=Path, default=Path(env_model) if env_model else None,
+                   help=f"Hugging Face causal-LM directory; overrides model_path in config.pbtxt (default ${MODEL_PATH_ENV})")
     s.add_argument("--http-port", type=int, default=8000)
     s.add_argument("--grpc-port", type=int, default=8001)
     s.add_argument("--metrics-port", type=int, default=8002)

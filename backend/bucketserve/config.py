@@ -33,9 +33,11 @@ class EngineConfig:
     """Hugging Face causal-LM directory. Empty: the default model. Overridden by $BUCKETSERVE_MODEL_PATH
     (what `bucketserve serve --model-path` sets). Relative paths are taken from the model's directory."""
     device: str = "auto"
-    """`auto` (CUDA if available, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    """`auto`: the GPU Triton assigned the instance (KIND_GPU), else CUDA if available, else CPU; or
+    `cpu`, `cuda`, `cuda:N`."""
     dtype: str = "auto"
-    """`auto` (the checkpoint's dtype), `float32`, `bfloat16` or `float16`."""
+    """`auto` (bfloat16 on a GPU, float16 where it has no bfloat16; the checkpoint's dtype on the CPU),
+    `float32`, `bfloat16` or `float16`."""
     num_threads: int = 0
     """CPU threads for torch; 0 uses every core."""
     max_num_seqs: int = 64
@@ -128,6 +130,13 @@ class EngineConfig:
             except ValueError:
                 raise ConfigError(f"parameter {key} must be {kind.__name__}, got {raw!r}") from None
         return cls(**values)
+
+    def instance_device(self, kind: str, device_id: str) -> str:
+        """The device an instance runs on: ``device`` if set, else the GPU Triton gave a KIND_GPU
+        instance (``model_instance_kind`` / ``model_instance_device_id``), else ``auto``."""
+        if self.device != "auto" or kind != "GPU":
+            return self.device
+        return f"cuda:{int(device_id)}"
 
     def resolve_model_path(self, model_dir: str, default_dir: str) -> tuple[str, str]:
         """Return the checkpoint directory and where that choice came from (for the load log)."""

@@ -71,3 +71,20 @@ def test_each_baseline_model_is_the_same_engine_with_another_policy():
     for name in models:
         assert f'name: "{name}"' in (REPOSITORY / name / "config.pbtxt").read_text()
         assert (REPOSITORY / name / "1" / "model.py").read_text() == (REPOSITORY / "bucketserve" / "1" / "model.py").read_text()
+
+
+def test_a_kind_gpu_instance_runs_on_the_gpu_triton_assigned_it():
+    assert EngineConfig().instance_device("GPU", "3") == "cuda:3"
+    assert EngineConfig().instance_device("MODEL", "0") == "auto"  # KIND_MODEL / KIND_CPU: the engine picks
+    assert EngineConfig().instance_device("CPU", "0") == "auto"
+    assert EngineConfig(device="cpu").instance_device("GPU", "1") == "cpu"  # an explicit device wins
+
+
+def test_dtype_auto_keeps_the_checkpoint_on_the_cpu():
+    import torch
+
+    from bucketserve.runner import pick_dtype
+
+    assert pick_dtype("auto", torch.device("cpu")) is None
+    assert pick_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
+    assert pick_dtype("float16", torch.device("cpu")) is torch.float16

@@ -58,7 +58,8 @@ class TritonPythonModel:
             raise pb_utils.TritonModelException(
                 f"default model not found at {path}: run `bucketserve build-model {path}` or set model_path")
         self.logger.log_info(f"[bucketserve] loading {path} ({source})")
-        self.runner = Runner(path, self.config.device, self.config.dtype, self.config.num_threads,
+        device = self.config.instance_device(args.get("model_instance_kind", ""), args.get("model_instance_device_id", "0"))
+        self.runner = Runner(path, device, self.config.dtype, self.config.num_threads,
                              self.config.kv_cache_growth, self.config.max_decode_groups,
                              log=lambda m: self.logger.log_info(f"[bucketserve] {m}"))
         if os.environ.get(FAULTS_ENV):
