@@ -64,8 +64,9 @@ def pick_device(name: str) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bfloat16 on a GPU that has it (float16 on older ones), the checkpoint's own dtype
-    (None) on the CPU, where float32 measured faster than bfloat16 (README, Benchmarks)."""
+    """``auto``: bfloat16 on a GPU that has it (float16 on older ones); on the CPU the checkpoint's own
+    dtype (None), whose greedy tokens match transformers' reference exactly. bfloat16 on a CPU with
+    native support measured faster here (README, Deployment) and is one parameter away."""
     if name != "auto":
         return DTYPES[name]
     if device.type == "cuda":
