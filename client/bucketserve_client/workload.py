@@ -67,6 +67,9 @@ class RequestSpec:
     cls: PriorityClass
     prompt: str | None = None
     """The text, once materialized (or given by a workload file)."""
+    deadline: bool = True
+    """Whether a Triton target sends the class's TTFT SLO as ``slo_ms``, which the server also enforces
+    (``slo_expiry``). Off in the offline throughput run, where every request must finish."""
 
 
 def lognormal(rng: random.Random, median: float, mean: float) -> float:
