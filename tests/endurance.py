@@ -104,10 +104,10 @@ def default_tokenizer() -> str:
     return str(default_model_dir())
 
 
-def window_mean(points: list[Point], start: float, end: float, field: str) -> float:
+def window(points: list[Point], start: float, end: float) -> list[Point]:
+    """The points between these fractions of the run."""
     span = points[-1].t
-    values = [getattr(p, field) for p in points if start * span <= p.t <= end * span]
-    return statistics.mean(values)
+    return [p for p in points if start * span <= p.t <= end * span]
 
 
 def soak(args: argparse.Namespace) -> int:
@@ -124,11 +124,10 @@ def soak(args: argparse.Namespace) -> int:
     time.sleep(args.interval * 2)  # idle: KV must be back to zero
     points = recorder.stop()
     # the first tenth warms up (allocator pools, the tokenizer's caches); compare the second with the last
-    early, late = window_mean(points, 0.1, 0.2, "rss_bytes"), window_mean(points, 0.9, 1.0, "rss_bytes")
+    early, late = (statistics.mean(p.rss_bytes for p in window(points, a, b)) for a, b in ((0.1, 0.2), (0.9, 1.0)))
     growth = late / early - 1
     idle_kv = points[-1].kv_bytes
-    kv_early, kv_late = (max(p.kv_bytes for p in points if a * points[-1].t <= p.t <= b * points[-1].t)
-                         for a, b in ((0.1, 0.5), (0.5, 0.95)))
+    kv_early, kv_late = (max(p.kv_bytes for p in window(points, a, b)) for a, b in ((0.1, 0.5), (0.5, 0.95)))
     ok = sum(o.ok for o in record.outcomes)
     figures = {"requests": n, "ok": ok, "errors": n - ok, "minutes": args.minutes, "rate": args.rate,
                "rss_early_mib": early / 2**20, "rss_late_mib": late / 2**20, "rss_growth": growth,
@@ -162,14 +161,14 @@ def phase_times(phases: list[tuple[float, float]], seed: int) -> list[float]:
     return times
 
 
-def recovery_s(outcomes: list[Outcome], burst_end: float, limit: float, window: float = 5.0) -> float | None:
-    """Seconds after the burst until the median TTFT of every later ``window`` of sends is <= ``limit``
+def recovery_s(outcomes: list[Outcome], burst_end: float, limit: float, window_s: float = 5.0) -> float | None:
+    """Seconds after the burst until the median TTFT of every later ``window_s`` of sends is <= ``limit``
     with no errors (single requests vary with their prompt's length, so windows are judged)."""
     last = max(o.sent for o in outcomes)
-    starts = [burst_end + i * window for i in range(int((last - burst_end) // window) + 1)]
+    starts = [burst_end + i * window_s for i in range(int((last - burst_end) // window_s) + 1)]
     recovered = None
     for start in starts:
-        sent = [o for o in outcomes if start <= o.sent < start + window]
+        sent = [o for o in outcomes if start <= o.sent < start + window_s]
         ttfts = [o.ttft for o in sent if o.ok and o.ttft is not None]
         good = len(ttfts) == len(sent) and (not ttfts or statistics.median(ttfts) <= limit)
         if not good:

@@ -245,8 +245,8 @@ class Runner:
         for group in self.groups:
             padded += group.padding()  # the column appended next is real in every row
             positions += group.kv.batch_size * (group.kv.length + 1)
-            tokens = self._decode(group.kv, group.rows, errors)
-            out.add([r for r in group.rows if r.id not in errors], [t for t in tokens if t is not None])
+            ran = [(r, t) for r, t in zip(group.rows, self._decode(group.kv, group.rows, errors)) if t is not None]
+            out.add([r for r, _ in ran], [t for _, t in ran])
         self.last_decode_positions = (positions, padded)
         if errors:
             for request in [r for r in self.rows if r.id in errors]:

@@ -7,7 +7,6 @@ import json
 import queue
 import random
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,6 +15,8 @@ import tritonclient.grpc as grpcclient
 
 from bucketserve_client import BucketServeClient
 from bucketserve_client.client import build_inputs
+
+from .conftest import wait_for
 
 MODELS = ("bucketserve", "bucketserve_continuous", "bucketserve_fcfs_static")
 WORDS = ("serve model token batch bucket memory queue latency stream python triton request "
@@ -47,13 +48,6 @@ def test_32_concurrent_requests_match_transformers_greedy(server, tokenizer, ref
         if (got.text, got.num_output_tokens) != (tokenizer.decode(want, skip_special_tokens=True), len(want)):
             mismatches.append((len(ids), max_tokens))
     assert not mismatches, f"{len(mismatches)}/32 differ from transformers (prompt len, max_tokens): {mismatches}"
-
-
-def wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("stream", [True, False])

@@ -22,7 +22,7 @@ from bucketserve.watchdog import children, stubs
 from bucketserve_client import BucketServeClient
 from bucketserve_client.client import BucketServeError, build_inputs
 
-from .conftest import start_server, stop_server
+from .conftest import start_server, stop_server, wait_for
 
 FAULTS = "prefill:error:text=PREFILL-BOOM,decode:error:text=DECODE-BOOM,prefill:oom:rows>2,decode:oom:rows>2"
 PROMPTS = [f"request {i}: " + "def handle(request):\n    return " * (1 + i % 4) for i in range(8)]
@@ -64,7 +64,7 @@ def test_out_of_memory_is_retried_in_smaller_batches_without_changing_the_output
     with ThreadPoolExecutor(8) as pool:
         texts = list(pool.map(lambda p: generate(faulty, p, **GREEDY), PROMPTS))
     assert texts == [faulty.expected[p] for p in PROMPTS]
-    eventually(lambda: faulty.metric("bucketserve_oom_retries_total") > before)
+    wait_for(lambda: faulty.metric("bucketserve_oom_retries_total") > before, timeout=10)
 
 
 @pytest.mark.parametrize("stage", ["PREFILL", "DECODE"])
@@ -80,17 +80,9 @@ def test_an_engine_error_fails_only_the_request_it_belongs_to(faulty, stage):
     assert isinstance(victim, BucketServeError)
     assert str(victim).startswith("internal error in the model: InjectedFault"), victim
     assert outcomes == [faulty.expected[p] for p in PROMPTS[:5]]
-    eventually(lambda: faulty.metric("bucketserve_requests_failed_total") - failed_before == 1)
+    wait_for(lambda: faulty.metric("bucketserve_requests_failed_total") - failed_before == 1, timeout=10)
     assert ready(faulty) == 200
     assert generate(faulty, PROMPTS[6], **GREEDY) == faulty.expected[PROMPTS[6]]
-
-
-def eventually(condition, timeout: float = 10.0) -> None:
-    """Metrics follow the engine on the response thread's next tick."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
 
 
 def test_a_decode_fault_reaches_a_streaming_client_after_its_first_token(faulty):
@@ -126,8 +118,9 @@ def test_a_request_past_its_triton_timeout_ends_with_deadline_exceeded(faulty):
     client.stop_stream()
     assert "deadline exceeded: the request's timeout of 500 ms passed" in str(error)
     assert 0 < tokens < 2000 and elapsed < 5
-    eventually(lambda: faulty.metric("bucketserve_requests_expired_total") >= 1
-               and faulty.metric("bucketserve_requests_running") == 0 and faulty.metric("bucketserve_kv_cache_bytes") == 0)
+    wait_for(lambda: faulty.metric("bucketserve_requests_expired_total") >= 1
+             and faulty.metric("bucketserve_requests_running") == 0 and faulty.metric("bucketserve_kv_cache_bytes") == 0,
+             timeout=10)
 
 
 def test_a_dead_model_process_stops_the_server_so_health_checks_fail(faulty):
