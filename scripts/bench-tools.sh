@@ -13,7 +13,7 @@ if [ ! -x "$TOOLS/bin/genai-perf" ]; then
   "$TOOLS/bin/pip" install -q --disable-pip-version-check "genai-perf==0.0.8" "tritonclient[all]==2.51.*" \
     "transformers>=5.0,<6"
 fi
-MODEL_DIR=$("$BIN/python" -c "from bucketserve.model_builder import default_model_dir as d; print(d())")
+MODEL_DIR=$("$BIN/python" -c "from bucketserve_client.defaults import default_model_dir as d; print(d())")
 # perf_analyzer (which genai-perf drives) comes with the project's tritonclient; it needs these libraries
 LD_LIBRARY_PATH="$("$BIN/python" -c "from bucketserve_client.perf_tools import library_dir as d; print(d())"):${LD_LIBRARY_PATH:-}"
 export LD_LIBRARY_PATH

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bucketserve import model_builder
+from bucketserve.tools import model_builder
 
 
 @pytest.fixture(scope="session")

@@ -24,12 +24,13 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bucketserve.watchdog import children
+from bucketserve.launcher.watchdog import children
 from bucketserve_client import loadgen, scrape
 from bucketserve_client.arrivals import arrival_times
 from bucketserve_client.stats import Outcome, percentile
 from bucketserve_client.targets import TritonTarget
-from bucketserve_client.workload import PromptMaker, RequestSpec, corpus_text, generate, materialize
+from bucketserve_client.defaults import corpus_text, default_model_dir
+from bucketserve_client.workload import PromptMaker, RequestSpec, generate, materialize
 
 MODEL = "bucketserve"
 MAX_GROWTH = 0.05
@@ -99,8 +100,6 @@ def workload(n: int, seed: int, tokenizer: str, max_len: int) -> list[RequestSpe
 
 
 def default_tokenizer() -> str:
-    from bucketserve.model_builder import default_model_dir
-
     return str(default_model_dir())
 
 

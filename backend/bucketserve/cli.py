@@ -1,4 +1,5 @@
-"""`bucketserve`: start the server, or build the default model."""
+"""`bucketserve`: start the server, run a batch file offline, build the default model, benchmark the policies,
+or serve the OpenAI API in front of Triton."""
 
 from __future__ import annotations
 
@@ -7,18 +8,17 @@ import os
 import sys
 from pathlib import Path
 
-from bucketserve import model_builder, policy_bench, server
 from bucketserve.config import MODEL_PATH_ENV
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from bucketserve.launcher import server
+    from bucketserve.tools.model_builder import ensure_default_model
+
     if args.model_path is None:
-        default = model_builder.default_model_dir()
-        if not model_builder.is_built(default):
-            print(f"[bucketserve] default model missing; building it in {default} (once)", flush=True)
-            model_builder.build(default)
+        ensure_default_model(log=lambda m: print(m, flush=True))
     elif not args.model_path.is_dir():
         print(f"[bucketserve] ERROR: --model-path {args.model_path} is not a directory", file=sys.stderr)
         return 2
@@ -31,9 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bucketserve", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="start tritonserver with the BucketServe model repository")
     s.add_argument("--model-repository", type=Path, default=DEFAULT_REPOSITORY,
                    help="Triton model repository (default: this checkout's model_repository/)")
@@ -52,12 +50,27 @@ def parser() -> argparse.ArgumentParser:
                    help="how often to check the models' Python stub processes; when one has died, stop "
                         "tritonserver (exit code 3) so health checks fail and a supervisor restarts it. 0: off")
     s.set_defaults(func=_serve)
+
+
+def parser() -> argparse.ArgumentParser:
+    from bucketserve.openai import gateway
+    from bucketserve.tools import generate, model_builder, policy_bench
+
+    p = argparse.ArgumentParser(prog="bucketserve", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    g = sub.add_parser("generate", help="run a JSONL batch of prompts offline, in process, with a progress bar")
+    generate.add_arguments(g)
+    g.set_defaults(func=generate.main)
     b = sub.add_parser("build-model", help="write the default model (seeded random Llama + BPE tokenizer)")
     model_builder.add_arguments(b)
     b.set_defaults(func=model_builder.main)
     q = sub.add_parser("bench-policies", help="offline mixed workload through each scheduling policy, in one process")
     policy_bench.add_arguments(q)
     q.set_defaults(func=policy_bench.main)
+    o = sub.add_parser("openai-gateway", help="serve OpenAI-compatible /v1/completions in front of Triton")
+    gateway.add_arguments(o)
+    o.set_defaults(func=gateway.main)
     return p
 
 

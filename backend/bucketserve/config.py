@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
-from bucketserve.policy import POLICIES
+from bucketserve.engine.policy import POLICIES
 
 MODEL_PATH_ENV = "BUCKETSERVE_MODEL_PATH"
 

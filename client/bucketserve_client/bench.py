@@ -17,10 +17,11 @@ from typing import Any
 
 from bucketserve_client import loadgen, report
 from bucketserve_client.arrivals import arrival_times
+from bucketserve_client.defaults import corpus_text, default_model_dir
 from bucketserve_client.stats import CAPACITY_ATTAINMENT, capacity, summarize
 from bucketserve_client.targets import Target, parse_target
 from bucketserve_client.workload import (DEFAULT_CLASSES, WORKLOADS, PriorityClass, PromptMaker, RequestSpec,
-                                         corpus_text, generate, load_file, materialize)
+                                         generate, load_file, materialize)
 
 WARMUP_OUTPUT = 4
 MIN_SWEEP_REQUESTS = 8
@@ -143,8 +144,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     if args.tokenizer is None:
-        from bucketserve.model_builder import default_model_dir
-
         args.tokenizer = default_model_dir()
     classes = tuple(PriorityClass.parse(c) for c in args.classes) or DEFAULT_CLASSES
     max_len = args.max_model_len or _model_len(args.tokenizer)

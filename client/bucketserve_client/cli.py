@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from bucketserve_client import bench, openai_gateway
+from bucketserve_client import bench
 from bucketserve_client.client import BucketServeClient, BucketServeError
 from bucketserve_client.perf_tools import perf_analyzer_command
 
@@ -26,13 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     pa.add_argument("args", nargs=argparse.REMAINDER, help="perf_analyzer's own arguments, after --")
     b = sub.add_parser("bench", help="the paper's evaluation (offline throughput, SLO sweep, capacity) against one or more targets")
     bench.add_arguments(b)
-    o = sub.add_parser("openai-gateway", help="serve OpenAI-compatible /v1/completions in front of Triton")
-    openai_gateway.add_arguments(o)
     args = p.parse_args(argv)
     if args.command == "bench":
         return bench.main(args)
-    if args.command == "openai-gateway":
-        return openai_gateway.main(args)
     if args.command == "perf-analyzer":
         exe, env = perf_analyzer_command()
         rest = args.args[1:] if args.args[:1] == ["--"] else args.args

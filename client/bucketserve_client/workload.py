@@ -5,7 +5,7 @@ Alpaca prompts have median 69 and mean 83.7 tokens; LongBench prompts median 41,
 55,749, which we scale so the median sits at ``LONG_MEDIAN_SHARE`` of the model's context and
 truncate (as the paper does) so prompt plus output fits it. ``mixed`` draws a share
 ``long_share`` of its requests from LongBench and the rest from Alpaca. ``peers`` is
-shared/PEERS.md's workload: prompts uniform in 19..506 tokens, exactly 64 output tokens.
+the workload of docs/peers.md: prompts uniform in 19..506 tokens, exactly 64 output tokens.
 
 Lengths are plain numbers, so this module needs no tokenizer; ``materialize`` turns them into
 text of that many tokens under the model's tokenizer.
@@ -186,12 +186,6 @@ class PromptMaker:
                 break
             size -= error
         return text
-
-
-def corpus_text(limit_bytes: int = 1_500_000) -> str:
-    from bucketserve.model_builder import corpus
-
-    return "\n".join(corpus(limit_bytes))
 
 
 def materialize(specs: list[RequestSpec], maker: PromptMaker, seed: int) -> list[RequestSpec]:

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from bucketserve.config import EngineConfig
-from bucketserve.request import Request
-from bucketserve.runner import Runner
-from bucketserve.scheduler import build_scheduler
+from bucketserve.engine.request import Request
+from bucketserve.factory import LoadedModel, build_engine, load_model
 from tests.unit.test_engine import PROMPTS, Collector, make
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -30,14 +29,13 @@ def cuda_reference(model_dir):
     return generate
 
 
-def run_engine(runner: Runner, requests: list[Request]) -> Collector:
-    from bucketserve.engine import Engine
+def load(model_dir, **params) -> LoadedModel:
+    return load_model(EngineConfig(**params), str(model_dir), log=lambda _m: None)
 
+
+def run_engine(model: LoadedModel, requests: list[Request]) -> Collector:
     collector = Collector()
-    config = EngineConfig(max_num_seqs=8, kv_cache_bytes=0)
-    free = runner.free_device_memory(config.max_prefill_tokens, runner.max_position_embeddings)
-    scheduler = build_scheduler(config, runner.kv_cost().bytes_per_token, free, runner.max_position_embeddings)
-    engine = Engine(runner, scheduler, collector)
+    engine = build_engine(EngineConfig(max_num_seqs=8, kv_cache_bytes=0), model, collector, log=lambda _m: None)
     engine.start()
     for r in requests:
         engine.submit(r)
@@ -47,27 +45,27 @@ def run_engine(runner: Runner, requests: list[Request]) -> Collector:
 
 
 def test_float32_on_the_gpu_matches_generate(model_dir, cuda_reference):
-    runner = Runner(str(model_dir), device="cuda:0", dtype="float32", log=lambda _m: None)
-    requests = [make(runner, p, max_tokens=12) for p in PROMPTS]
-    collector = run_engine(runner, requests)
+    model = load(model_dir, device="cuda:0", dtype="float32")
+    requests = [make(model, p, max_tokens=12) for p in PROMPTS]
+    collector = run_engine(model, requests)
     for r in requests:
         assert collector.tokens[r.id] == cuda_reference(r.prompt_ids, 12), r.prompt[:30]
-    assert runner.kv_bytes() == 0
+    assert model.executor.kv_bytes() == 0
 
 
 def test_auto_dtype_is_bfloat16_on_the_gpu_and_halves_kv_bytes(model_dir):
-    runner = Runner(str(model_dir), device="cuda:0", log=lambda _m: None)
+    model = load(model_dir, device="cuda:0")
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    assert runner.model.dtype is expected
-    fp32 = Runner(str(model_dir), device="cuda:0", dtype="float32", log=lambda _m: None)
-    assert runner.kv_cost().bytes_per_token * 2 == fp32.kv_cost().bytes_per_token
-    requests = [make(runner, p, max_tokens=8) for p in PROMPTS]
-    collector = run_engine(runner, requests)
+    assert model.executor.model.dtype is expected
+    fp32 = load(model_dir, device="cuda:0", dtype="float32")
+    assert model.executor.kv_cost().bytes_per_token * 2 == fp32.executor.kv_cost().bytes_per_token
+    requests = [make(model, p, max_tokens=8) for p in PROMPTS]
+    collector = run_engine(model, requests)
     assert all(len(collector.tokens[r.id]) == 8 for r in requests)
 
 
 def test_the_kv_budget_comes_from_free_gpu_memory_after_a_worst_case_prefill(model_dir):
-    runner = Runner(str(model_dir), device="cuda:0", log=lambda _m: None)
+    runner = load(model_dir, device="cuda:0").executor
     free_before, total = torch.cuda.mem_get_info(0)
     free = runner.free_device_memory(max_prefill_tokens=8192, max_len=2048)
     assert 0 < free < free_before <= total
@@ -75,5 +73,5 @@ def test_the_kv_budget_comes_from_free_gpu_memory_after_a_worst_case_prefill(mod
 
 def test_a_kind_gpu_instance_gets_the_gpu_triton_names(model_dir):
     device = EngineConfig().instance_device("GPU", str(torch.cuda.device_count() - 1))
-    runner = Runner(str(model_dir), device=device, log=lambda _m: None)
+    runner = load(model_dir, device=device).executor
     assert runner.device == torch.device(device)

@@ -68,14 +68,6 @@ class Server:
         raise KeyError(f"{name} {model} {labels}")
 
 
-def wait_for(condition, timeout: float = 30.0) -> None:
-    """Poll until ``condition()`` holds: metrics follow the engine on the response thread's next tick."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
-
-
 def start_server(model_path: Path, log: Path, timeout: float = 300, repository: Path | None = None,
                  env: dict[str, str] | None = None) -> Server:
     http, grpc, metrics = free_ports(3)

@@ -26,7 +26,7 @@ PROMPT = "def parse(text):\n    return"
 def gateway(server, tmp_path_factory):
     (port,) = free_ports(1)
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
-    proc = subprocess.Popen([sys.executable, "-m", "bucketserve_client.cli", "openai-gateway", "--url", server.grpc_url,
+    proc = subprocess.Popen([sys.executable, "-m", "bucketserve.cli", "openai-gateway", "--url", server.grpc_url,
                              "--port", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while True:

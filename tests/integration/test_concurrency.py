@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 from bucketserve_client import BucketServeClient
 from bucketserve_client.client import build_inputs
 
-from .conftest import wait_for
+from tests.waiting import wait_for
 
 MODELS = ("bucketserve", "bucketserve_continuous", "bucketserve_fcfs_static")
 WORDS = ("serve model token batch bucket memory queue latency stream python triton request "

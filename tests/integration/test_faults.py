@@ -17,12 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import tritonclient.grpc as grpcclient
 
-from bucketserve.server import STUB_DIED_EXIT
-from bucketserve.watchdog import children, stubs
+from bucketserve.launcher.server import STUB_DIED_EXIT
+from bucketserve.launcher.watchdog import children, stubs
 from bucketserve_client import BucketServeClient
 from bucketserve_client.client import BucketServeError, build_inputs
 
-from .conftest import start_server, stop_server, wait_for
+from tests.waiting import wait_for
+
+from .conftest import start_server, stop_server
 
 FAULTS = "prefill:error:text=PREFILL-BOOM,decode:error:text=DECODE-BOOM,prefill:oom:rows>2,decode:oom:rows>2"
 PROMPTS = [f"request {i}: " + "def handle(request):\n    return " * (1 + i % 4) for i in range(8)]

@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from bucketserve.inputs import InvalidInput, check_lengths, check_prompt_bytes, parse_request
+from bucketserve.engine.request import InvalidInput
+from bucketserve.engine.tokenizer import check_lengths, check_prompt_bytes
+from bucketserve.triton.inputs import parse_request
 
 
 def text(s: str | bytes) -> np.ndarray:

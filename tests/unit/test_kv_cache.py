@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
-from bucketserve.kv_cache import PaddedKVCache
+from bucketserve.executor.padded_kv import PaddedKVCache
 
 GROWTH = 4
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from bucketserve.monitor import Monitor
-from bucketserve.request import FinishReason, Request, SamplingParams
+from bucketserve.engine.monitor import Monitor
+from bucketserve.engine.request import FinishReason, Request, SamplingParams
 
 
 def finished(ttft_s: float | None, outputs: int, slo_ms: int | None, reason=FinishReason.LENGTH) -> Request:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bucketserve.output import TextStream
+from bucketserve.engine.detokenizer import TextStream
 
 
 def stream_all(stream: TextStream, ids: list[int]) -> list[str]:

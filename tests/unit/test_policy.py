@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from bucketserve.memory import KVBudget
-from bucketserve.policy import BucketPolicy, ContinuousPolicy, Ordering, StaticPolicy, StepContext
-from bucketserve.request import FinishReason, Request, SamplingParams, Status
-from bucketserve.scheduler import Scheduler
+from bucketserve.engine.memory import KVBudget
+from bucketserve.engine.policy import BucketPolicy, ContinuousPolicy, Ordering, StaticPolicy, StepContext
+from bucketserve.engine.request import FinishReason, Request, SamplingParams, Status
+from bucketserve.engine.scheduler import Scheduler
 
 BIG = KVBudget(bytes_per_token=1, budget_bytes=10**12)
 
@@ -97,7 +97,7 @@ def test_a_bucket_that_cannot_fill_waits_for_its_queue_delay_while_the_engine_is
 
 
 def test_scheduler_admits_and_retires():
-    s = Scheduler(ContinuousPolicy(), KVBudget(1, 10**9, max_num_seqs=2), max_prefill_tokens=1000, max_len=2048)
+    s = Scheduler(ContinuousPolicy(), KVBudget(1, 10**9), max_prefill_tokens=1000, max_len=2048, max_num_seqs=2)
     a, b, c = req(3), req(4), req(5)
     for r in (a, b, c):
         s.add(r)

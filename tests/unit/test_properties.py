@@ -8,11 +8,11 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bucketserve.buckets import Bucket, BucketManager, BucketRules
-from bucketserve.memory import KVBudget
-from bucketserve.policy import BucketPolicy, ContinuousPolicy, Ordering, StaticPolicy
-from bucketserve.request import FinishReason, Request, SamplingParams
-from bucketserve.scheduler import Scheduler
+from bucketserve.engine.buckets import Bucket, BucketManager, BucketRules
+from bucketserve.engine.memory import KVBudget
+from bucketserve.engine.policy import BucketPolicy, ContinuousPolicy, Ordering, StaticPolicy
+from bucketserve.engine.request import FinishReason, Request, SamplingParams
+from bucketserve.engine.scheduler import Scheduler
 
 L_MAX = 2048
 lengths = st.lists(st.integers(min_value=1, max_value=L_MAX - 1), max_size=300)
@@ -77,8 +77,8 @@ def test_the_whole_range_splits_only_when_crowded_and_lopsided(lens, rule, n_max
 class Sim:
     """A model-free engine: each step admits the policy's batch and gives every running request one token."""
 
-    def __init__(self, policy, budget: KVBudget, max_prefill_tokens: int = 4096, dt: float = 0.01):
-        self.scheduler = Scheduler(policy, budget, max_prefill_tokens, L_MAX)
+    def __init__(self, policy, budget: KVBudget, max_num_seqs: int, max_prefill_tokens: int = 4096, dt: float = 0.01):
+        self.scheduler = Scheduler(policy, budget, max_prefill_tokens, L_MAX, max_num_seqs)
         self.now = 0.0
         self.dt = dt
         self.step_no = 0
@@ -118,10 +118,10 @@ workload = st.lists(st.tuples(st.integers(1, 1500), st.integers(1, 64), st.sampl
 @given(jobs=workload, budget_rows=st.integers(1, 40), policy_name=st.sampled_from(["bucket", "continuous", "static"]),
        seed=st.integers(0, 1000))
 def test_batches_respect_n_max_and_the_running_set_stays_in_budget(jobs, budget_rows, policy_name, seed):
-    budget = KVBudget(bytes_per_token=2, budget_bytes=budget_rows * 1600 * 2, spare=16, max_num_seqs=32)
+    budget = KVBudget(bytes_per_token=2, budget_bytes=budget_rows * 1600 * 2, spare=16)
     policy = {"bucket": BucketPolicy(L_MAX, max_queue_delay_ms=30), "continuous": ContinuousPolicy(),
               "static": StaticPolicy()}[policy_name]
-    sim = Sim(policy, budget)
+    sim = Sim(policy, budget, max_num_seqs=32)
     rng = random.Random(seed)
     pending = [req(n, m, p, s) for n, m, p, s in jobs]
     for _ in range(5000):
@@ -131,11 +131,11 @@ def test_batches_respect_n_max_and_the_running_set_stays_in_budget(jobs, budget_
         batch = sim.step()  # asserts the reservation of the running set after admission
         if batch and isinstance(policy, BucketPolicy):
             home = [b for b in policy.buckets if batch[0] in b.requests][0]
-            assert all(r in home.requests for r in batch) and len(batch) <= policy.n_max(home)
+            assert all(r in home.requests for r in batch) and len(batch) <= policy.batch_limit(home)
         if not pending and not sim.scheduler.has_work():
             break
     assert not sim.scheduler.has_work(), "every request finishes"
-    assert all(len(b) <= budget.max_num_seqs for b in sim.batches)
+    assert all(len(b) <= sim.scheduler.max_num_seqs for b in sim.batches)
 
 
 @settings(max_examples=40, deadline=None)
@@ -147,9 +147,9 @@ def test_a_continuous_stream_of_online_requests_cannot_starve_an_offline_one(lon
     periods and then waits only for the online requests whose (aged) deadline is earlier than its own:
     those that arrived within the first aging period."""
     slots, short_tokens, every = 4, 20, 3
-    budget = KVBudget(bytes_per_token=1, budget_bytes=slots * (1600 + 16), spare=16, max_num_seqs=slots)
+    budget = KVBudget(bytes_per_token=1, budget_bytes=slots * (1600 + 16), spare=16)
     policy = BucketPolicy(L_MAX, ordering=Ordering(offline_order=order, aging_ms=aging_ms), max_queue_delay_ms=0)
-    sim = Sim(policy, budget)
+    sim = Sim(policy, budget, max_num_seqs=slots)
     for _ in range(slots):
         sim.add(req(short_len, max_tokens=short_tokens))
     sim.step()  # the running set is full before the offline request arrives
@@ -175,8 +175,8 @@ def test_batches_follow_the_priority_order(jobs, now, order):
     rng = random.Random(len(jobs))
     waiting = [req(n, m, p, s, at=rng.uniform(0, now)) for n, m, p, s in jobs]
     policy = BucketPolicy(L_MAX, ordering=ordering)
-    budget = KVBudget(bytes_per_token=1, budget_bytes=10**9, max_num_seqs=8)
-    sched = Scheduler(policy, budget, 10**6, L_MAX)
+    budget = KVBudget(bytes_per_token=1, budget_bytes=10**9)
+    sched = Scheduler(policy, budget, 10**6, L_MAX, max_num_seqs=8)
     for r in waiting:
         sched.waiting.append(r)
     batch = sched.next_prefill(now)

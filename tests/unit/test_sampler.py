@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from bucketserve.request import Request, SamplingParams
-from bucketserve.sampler import Sampler
+from bucketserve.engine.request import Request, SamplingParams
+from bucketserve.executor.sampler import Sampler
 
 EOS = 2
 

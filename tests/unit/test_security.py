@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from bucketserve.config import EngineConfig
-from bucketserve.inputs import InvalidInput, parse_request
+from bucketserve.engine.request import InvalidInput
+from bucketserve.triton.inputs import parse_request
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted([*(ROOT / "backend").rglob("*.py"), *(ROOT / "client").rglob("*.py"),

@@ -9,6 +9,7 @@ import statistics
 import pytest
 
 from bucketserve_client import workload
+from bucketserve_client.defaults import corpus_text
 from bucketserve_client.workload import DEFAULT_CLASSES, PriorityClass, PromptMaker
 
 N = 4000
@@ -106,7 +107,7 @@ def test_workload_file_rows_and_their_errors(tmp_path):
 
 
 def test_prompts_are_real_text_of_the_requested_length(tokenizer):
-    maker = PromptMaker(tokenizer, workload.corpus_text(300_000))
+    maker = PromptMaker(tokenizer, corpus_text(300_000))
     rng = random.Random(0)
     targets = [rng.randint(2, 1800) for _ in range(60)]
     counts = [maker.count(maker.make(n, rng)) for n in targets]
@@ -116,7 +117,7 @@ def test_prompts_are_real_text_of_the_requested_length(tokenizer):
 
 
 def test_materialize_keeps_given_prompts_and_measures_them(tokenizer):
-    maker = PromptMaker(tokenizer, workload.corpus_text(200_000))
+    maker = PromptMaker(tokenizer, corpus_text(200_000))
     specs = workload.generate("alpaca", 5, MAX_LEN, seed=5)
     given = workload.RequestSpec(0, 3, DEFAULT_CLASSES[0], "import os")
     made = workload.materialize([*specs, given], maker, seed=5)

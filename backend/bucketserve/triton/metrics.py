@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 import triton_python_backend_utils as pb_utils
 
-from bucketserve.monitor import Monitor, Snapshot
+from bucketserve.engine.monitor import Monitor, Snapshot
+from bucketserve.engine.request import Priority
 
 GAUGES: dict[str, tuple[str, Callable[[Snapshot], float]]] = {
     "bucketserve_requests_running": ("Sequences in the running (decode) set", lambda s: s.running),
@@ -81,8 +82,8 @@ class EngineMetrics:
         self._families.update({name: pb_utils.MetricFamily(name=name, description=text, kind=histogram)
                                for name, text, _ in HISTOGRAMS.values()})
         self._gauges = {name: self._families[name].Metric(labels=self.labels) for name in GAUGES}
-        self._queue = [self._families["bucketserve_queue_depth"].Metric(labels={**self.labels, "priority": str(c)})
-                       for c in (0, 1)]
+        self._queue = [self._families["bucketserve_queue_depth"].Metric(labels={**self.labels, "priority": str(int(p))})
+                       for p in Priority]
         self._counters = {name: self._families[name].Metric(labels=self.labels) for name in COUNTERS}
         self._counted = dict.fromkeys(COUNTERS, 0.0)
         self._histograms = {key: self._families[name].Metric(labels=self.labels, buckets=bounds)

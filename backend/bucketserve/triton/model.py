@@ -9,16 +9,16 @@ from typing import Any
 import triton_python_backend_utils as pb_utils
 
 from bucketserve.config import EngineConfig
-from bucketserve.engine import Engine
-from bucketserve.faults import ENV as FAULTS_ENV
-from bucketserve.inputs import InvalidInput, check_lengths, check_prompt_bytes, parse_request
-from bucketserve.model_builder import default_model_dir, is_built
-from bucketserve.request import Request
-from bucketserve.runner import Runner
-from bucketserve.scheduler import build_scheduler
+from bucketserve.engine.request import InvalidInput, Request
+from bucketserve.executor.faults import ENV as FAULTS_ENV
+from bucketserve.factory import build_engine, load_model
+from bucketserve.tools.model_builder import is_built
+from bucketserve.triton.inputs import OutputOptions, parse_request
 from bucketserve.triton.interface import INPUT_NAMES, complete
 from bucketserve.triton.metrics import EngineMetrics
-from bucketserve.triton.responses import FINAL, ResponseThread, error_response
+from bucketserve.triton.responses import FINAL, ClientStream, ResponseThread, error_response
+from bucketserve_client.defaults import default_model_dir
+
 
 def read_tensors(request: Any) -> dict[str, Any]:
     tensors = {}
@@ -59,41 +59,26 @@ class TritonPythonModel:
                 f"default model not found at {path}: run `bucketserve build-model {path}` or set model_path")
         self.logger.log_info(f"[bucketserve] loading {path} ({source})")
         device = self.config.instance_device(args.get("model_instance_kind", ""), args.get("model_instance_device_id", "0"))
-        self.runner = Runner(path, device, self.config.dtype, self.config.num_threads,
-                             self.config.kv_cache_growth, self.config.max_decode_groups,
-                             log=lambda m: self.logger.log_info(f"[bucketserve] {m}"))
-        if os.environ.get(FAULTS_ENV):
-            self.runner.install_faults(os.environ[FAULTS_ENV])
-            self.logger.log_warn(f"[bucketserve] test-only fault injection on: {os.environ[FAULTS_ENV]}")
-        self.max_model_len = self.config.max_model_len or self.runner.max_position_embeddings
-        free = self.runner.free_device_memory(self.config.max_prefill_tokens, self.max_model_len)
-        self.scheduler = build_scheduler(self.config, self.runner.kv_cost().bytes_per_token, free, self.max_model_len)
-        budget = self.scheduler.budget
-        self.logger.log_info(f"[bucketserve] policy {self.config.scheduler_policy}; KV budget {budget.budget_bytes / 2**20:.0f} MiB "
-                             f"({budget.bytes_per_token} bytes per token), N_max {self.scheduler.n_max()} "
-                             f"at {self.max_model_len} tokens")
+        faults = os.environ.get(FAULTS_ENV, "")
+        if faults:
+            self.logger.log_warn(f"[bucketserve] test-only fault injection on: {faults}")
+        info = lambda m: self.logger.log_info(f"[bucketserve] {m}")  # noqa: E731
+        model = load_model(self.config, path, log=info, device=device, faults=faults)
         self.metrics = EngineMetrics(model_config["name"])
-        self.engine = Engine(self.runner, self.scheduler, emit=lambda events: self.responses.put(events),
-                             log=self.logger.log_error, max_queue_size=self.config.max_queue_size,
-                             slo_expiry=self.config.slo_expiry)
-        self.responses = ResponseThread(self.runner.tokenizer, self.engine, self.config.cancel_poll_ms / 1000,
-                                        log=self.logger.log_error, on_tick=lambda: self.metrics.update(self.engine.monitor))
+        self.engine = build_engine(self.config, model, lambda outputs: self.responses.put(outputs), log=info,
+                                   log_error=self.logger.log_error)
+        self.responses = ResponseThread(self.engine, self.config.cancel_poll_ms / 1000, log=self.logger.log_error,
+                                        on_tick=lambda: self.metrics.update(self.engine.monitor))
         self.responses.start()
         self.engine.start()
 
-    def _parse(self, triton_request: Any) -> Request:
+    def _parse(self, triton_request: Any) -> tuple[Request, OutputOptions]:
         parsed = parse_request(read_tensors(triton_request), read_parameters(triton_request),
                                self.config.default_max_tokens, self.config.default_temperature)
-        check_prompt_bytes(parsed.prompt, self.max_model_len, self.runner.max_token_bytes)
-        ids = self.runner.tokenize(parsed.prompt)
-        check_lengths(len(ids), parsed.sampling.max_tokens, self.max_model_len)
         timeout_us = triton_request.timeout()
-        request = Request(parsed.prompt, ids, parsed.sampling, parsed.options, parsed.priority, parsed.slo_ms,
-                          timeout_ms=timeout_us / 1000 if timeout_us else None)
-        reason = self.scheduler.too_big(request)
-        if reason is not None:
-            raise InvalidInput(reason)
-        return request
+        request = self.engine.make_request(parsed.prompt, parsed.sampling, parsed.priority, parsed.slo_ms,
+                                           timeout_ms=timeout_us / 1000 if timeout_us else None)
+        return request, parsed.options
 
     def execute(self, requests: list[Any]) -> None:
         for triton_request in requests:
@@ -105,7 +90,7 @@ class TritonPythonModel:
                     f"{self.config.max_queue_size}); retry later", pb_utils.TritonError.UNAVAILABLE), flags=FINAL)
                 continue
             try:
-                request = self._parse(triton_request)
+                request, options = self._parse(triton_request)
             except InvalidInput as e:
                 sender.send(error_response(str(e), pb_utils.TritonError.INVALID_ARG), flags=FINAL)
                 continue
@@ -114,7 +99,7 @@ class TritonPythonModel:
                 sender.send(error_response(f"failed to parse the request: {e}", pb_utils.TritonError.INTERNAL),
                             flags=FINAL)
                 continue
-            self.responses.register(request, sender)
+            self.responses.register(ClientStream(request, options, sender))
             self.engine.submit(request)
         return None
 

@@ -1,8 +1,8 @@
-"""The response thread: turns engine events into Triton responses, and polls cancellation.
+"""The response thread: turns the engine's outputs into Triton responses, and polls cancellation.
 
-Everything that talks to Triton's response senders happens here, off the engine thread. This
+Everything that talks to Triton's response senders happens here, off the engine's threads. This
 thread alone decides when a request is finished for its client, so each request gets exactly one
-final response: later engine events for it are dropped.
+final response: later outputs for it are dropped.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from typing import Any, Callable
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from bucketserve.engine import Engine, Event
-from bucketserve.output import TextStream
-from bucketserve.request import FinishReason, Request
+from bucketserve.engine.engine import Engine
+from bucketserve.engine.outputs import RequestOutput
+from bucketserve.engine.request import FinishReason, Request
+from bucketserve.triton.inputs import OutputOptions
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -30,14 +31,14 @@ def error_response(message: str, code: Any) -> Any:
 @dataclass
 class ClientStream:
     request: Request
+    options: OutputOptions
     sender: Any
-    text: TextStream
     pending_text: str = ""  # non-streaming: everything so far
     pending_tokens: int = 0
     done: bool = False
 
     def response(self, text: str, finish: FinishReason | None) -> Any:
-        opts = self.request.options
+        opts = self.options
         tensors = [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))]
         if opts.return_finish_reason and finish is not None:
             tensors.append(pb_utils.Tensor("finish_reason", np.array([finish.value.encode()], dtype=np.object_)))
@@ -50,9 +51,8 @@ class ClientStream:
 
 
 class ResponseThread:
-    def __init__(self, tokenizer: Any, engine: Engine, poll_s: float, log: Callable[[str], None],
+    def __init__(self, engine: Engine, poll_s: float, log: Callable[[str], None],
                  on_tick: Callable[[], None] = lambda: None):
-        self.tokenizer = tokenizer
         self.engine = engine
         self.poll_s = poll_s
         self.log = log
@@ -68,13 +68,13 @@ class ResponseThread:
         self._queue.put(("stop", None))
         self._thread.join(timeout)
 
-    def register(self, request: Request, sender: Any) -> None:
-        """Call before the engine sees the request, so its stream exists before its first event."""
-        self._queue.put(("register", ClientStream(request, sender, TextStream(self.tokenizer, request.sampling.stop))))
+    def register(self, stream: ClientStream) -> None:
+        """Call before the engine sees the request, so its stream exists before its first output."""
+        self._queue.put(("register", stream))
 
-    def put(self, events: list[Event]) -> None:
-        """The engine's emit callback."""
-        self._queue.put(("events", events))
+    def put(self, outputs: list[RequestOutput]) -> None:
+        """The engine's output callback."""
+        self._queue.put(("outputs", outputs))
 
     def _loop(self) -> None:
         next_poll = time.monotonic()
@@ -87,9 +87,9 @@ class ResponseThread:
                 break
             if kind == "register":
                 self._streams[item.request.id] = item
-            elif kind == "events":
-                for event in item:
-                    self._handle(event)
+            elif kind == "outputs":
+                for output in item:
+                    self._handle(output)
             if time.monotonic() >= next_poll:
                 self._poll_cancelled()
                 self._safely(self.on_tick)
@@ -101,13 +101,13 @@ class ResponseThread:
         except Exception as e:  # a failed send must not stop responses to everyone else
             self.log(f"response thread: {type(e).__name__}: {e}")
 
-    def _handle(self, event: Event) -> None:
-        """Answer one engine event; if that fails, end its request with one INTERNAL error."""
+    def _handle(self, output: RequestOutput) -> None:
+        """Answer one output; if that fails, end its request with one INTERNAL error."""
         try:
-            self._on_event(event)
+            self._on_output(output)
         except Exception as e:
-            self.log(f"response thread: request {event.request.id}: {type(e).__name__}: {e}")
-            stream = self._streams.get(event.request.id)
+            self.log(f"response thread: request {output.request.id}: {type(e).__name__}: {e}")
+            stream = self._streams.get(output.request.id)
             if stream is not None and not stream.done:
                 self.engine.abort(stream.request.id)
                 self._safely(self._send, stream, error_response(f"failed to build the response: {e}",
@@ -119,34 +119,26 @@ class ResponseThread:
             self._streams.pop(stream.request.id, None)
         stream.sender.send(response, flags=FINAL if final else 0)
 
-    def _on_event(self, event: Event) -> None:
-        stream = self._streams.get(event.request.id)
+    def _on_output(self, output: RequestOutput) -> None:
+        stream = self._streams.get(output.request.id)
         if stream is None or stream.done:
             return
-        if event.error is not None:
-            code = pb_utils.TritonError.UNAVAILABLE if event.finish is FinishReason.DEADLINE else pb_utils.TritonError.INTERNAL
-            self._send(stream, error_response(event.error, code), final=True)
+        finish = output.finish_reason
+        if output.error is not None:
+            code = pb_utils.TritonError.UNAVAILABLE if finish is FinishReason.DEADLINE else pb_utils.TritonError.INTERNAL
+            self._send(stream, error_response(output.error, code), final=True)
             return
-        if event.finish is FinishReason.CANCELLED:
+        if finish is FinishReason.CANCELLED:
             self._send(stream, error_response("request was cancelled", pb_utils.TritonError.CANCELLED), final=True)
             return
-        delta = stream.text.push(event.new_tokens)
-        stream.pending_tokens += len(event.new_tokens)
-        finish = event.finish
-        if stream.text.stopped:
-            finish = FinishReason.STOP
-            if event.finish is None:
-                self.engine.abort(stream.request.id, FinishReason.STOP)
-        if finish is not None:
-            delta += stream.text.finish()
-        opts = stream.request.options
-        if opts.stream:
-            if delta or finish is not None:
-                self._send(stream, stream.response(delta, finish), final=finish is not None)
+        stream.pending_tokens += len(output.token_ids)
+        if stream.options.stream:
+            if output.text or finish is not None:
+                self._send(stream, stream.response(output.text, finish), final=finish is not None)
             return
-        stream.pending_text += delta
+        stream.pending_text += output.text
         if finish is not None:
-            text = stream.pending_text if opts.exclude_input_in_output else stream.request.prompt + stream.pending_text
+            text = stream.pending_text if stream.options.exclude_input_in_output else stream.request.prompt + stream.pending_text
             self._send(stream, stream.response(text, finish), final=True)
 
     def _poll_cancelled(self) -> None:

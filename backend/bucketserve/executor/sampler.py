@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from bucketserve.request import Request
+from bucketserve.engine.request import Request
 
 
 class Sampler:

@@ -12,7 +12,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, replace
 
-from bucketserve.request import FinishReason, Request
+from bucketserve.engine.request import FinishReason, Request
 
 ARRIVAL_WINDOW_S = 10.0
 """Arrival rate is averaged over this many seconds."""

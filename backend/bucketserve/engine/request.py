@@ -1,4 +1,9 @@
-"""One request's state: what was asked, what has been generated, and when."""
+"""One request's state: what was asked (sampling, priority, deadline), what has been generated, and when.
+
+Every front end (Triton, the OpenAI gateway through Triton, ``LLM`` in process) builds the same
+``SamplingParams`` and ``Priority``; their constructors are the one place a bad value becomes a clear
+``InvalidInput`` message for the client.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,26 @@ import time
 from dataclasses import dataclass, field
 
 
+class InvalidInput(ValueError):
+    """The request is malformed; the message says what is wrong and goes back to that one client."""
+
+
+class Priority(enum.IntEnum):
+    """A request's class. Online requests are latency-sensitive (oldest first); offline ones are batch
+    work (shortest or longest job first). The values are the wire values of the ``priority`` input."""
+
+    ONLINE = 0
+    OFFLINE = 1
+
+    @classmethod
+    def parse(cls, value: int) -> "Priority":
+        try:
+            return cls(value)
+        except ValueError:
+            raise InvalidInput(f"priority must be one of {tuple(int(p) for p in cls)} (0 online, 1 offline), "
+                               f"got {value}") from None
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -15,7 +40,7 @@ class Status(enum.Enum):
 
 
 class FinishReason(str, enum.Enum):
-    STOP = "stop"  # EOS or a stop word
+    STOP = "stop"  # EOS or a stop string
     LENGTH = "length"  # max_tokens reached
     CANCELLED = "cancelled"
     ERROR = "error"
@@ -24,6 +49,8 @@ class FinishReason(str, enum.Enum):
 
 @dataclass(frozen=True)
 class SamplingParams:
+    """How to choose tokens and when to stop: the fields of the Triton interface and vLLM's."""
+
     max_tokens: int = 16
     min_tokens: int = 0
     temperature: float = 1.0
@@ -37,16 +64,25 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def __post_init__(self) -> None:
+        """A SamplingParams cannot exist with a bad value: ``InvalidInput`` names the first one."""
+        if self.max_tokens < 1:
+            raise InvalidInput(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidInput(f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        if self.temperature < 0:
+            raise InvalidInput(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidInput(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidInput(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            raise InvalidInput(f"seed must be in [0, 2**64), got {self.seed}")
 
-@dataclass(frozen=True)
-class OutputOptions:
-    """What the client wants back, beyond the text."""
 
-    stream: bool = False
-    exclude_input_in_output: bool = True
-    return_finish_reason: bool = False
-    return_num_input_tokens: bool = False
-    return_num_output_tokens: bool = False
+def check_slo_ms(slo_ms: int | None) -> None:
+    if slo_ms is not None and slo_ms < 1:
+        raise InvalidInput(f"slo_ms must be >= 1, got {slo_ms}")
 
 
 _ids = itertools.count()
@@ -57,11 +93,10 @@ class Request:
     prompt: str
     prompt_ids: list[int]
     sampling: SamplingParams
-    options: OutputOptions = OutputOptions()
-    priority: int = 0
+    priority: Priority = Priority.ONLINE
     slo_ms: int | None = None
     timeout_ms: float | None = None
-    """Triton's request timeout: the whole request must end by then."""
+    """The whole request must end by then (Triton's request timeout)."""
     id: int = field(default_factory=lambda: next(_ids))
     arrival_time: float = field(default_factory=time.monotonic)
     status: Status = Status.WAITING

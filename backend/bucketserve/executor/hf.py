@@ -1,19 +1,21 @@
-"""Runs a Hugging Face causal LM: padded prefill batches and decode steps over the running set."""
+"""The transformers executor: any Hugging Face causal LM, padded prefill batches, and decode steps
+over the running set in length groups of padded KV caches."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
-from bucketserve.faults import FaultPlan
-from bucketserve.kv_cache import PaddedKVCache
-from bucketserve.memory import KVCostModel
-from bucketserve.request import Request
-from bucketserve.sampler import Sampler
+from bucketserve.engine.executor import StepOutput
+from bucketserve.engine.memory import KVCostModel
+from bucketserve.engine.request import Request
+from bucketserve.executor.faults import FaultPlan
+from bucketserve.executor.padded_kv import PaddedKVCache
+from bucketserve.executor.sampler import Sampler
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -31,23 +33,6 @@ class DecodeGroup:
 
     def padding(self) -> int:
         return len(self.rows) * self.kv.length - self.real_positions()
-
-
-@dataclass
-class StepOutput:
-    """What one prefill or decode step produced: a token per row that ran, and the rows whose forward
-    failed even alone, with why (their KV is already dropped; every other row is unaffected)."""
-
-    rows: list[Request] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
-    failed: list[tuple[Request, str]] = field(default_factory=list)
-
-    def add(self, rows: Sequence[Request], tokens: list[int]) -> None:
-        self.rows += rows
-        self.tokens += tokens
-
-    def fail(self, rows: Sequence[Request], error: BaseException) -> None:
-        self.failed += [(r, f"{type(error).__name__}: {error}") for r in rows]
 
 
 def merged_padding(a: DecodeGroup, b: DecodeGroup) -> int:
@@ -74,7 +59,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-class Runner:
+class HFExecutor:
     """Owns the model and the running set's KV caches.
 
     The running set is split into at most ``max_decode_groups`` groups of similar length, each with
@@ -84,26 +69,21 @@ class Runner:
     more to read than the weights; groups merge again when that gets cheaper than keeping them apart.
     """
 
-    def __init__(self, model_path: str, device: str = "auto", dtype: str = "auto", num_threads: int = 0,
+    def __init__(self, model_path: str, tokenizer: Any, device: str = "auto", dtype: str = "auto", num_threads: int = 0,
                  kv_cache_growth: int = 64, max_decode_groups: int = 4, log: Callable[[str], None] = print):
-        if not os.path.isfile(os.path.join(model_path, "config.json")):
-            raise FileNotFoundError(f"{model_path} is not a Hugging Face model directory (no config.json)")
         torch.set_num_threads(num_threads or os.cpu_count() or 1)
         self.device = pick_device(device)
         self.kv_cache_growth = kv_cache_growth
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         chosen = pick_dtype(dtype, self.device)
         kwargs = {} if chosen is None else {"dtype": chosen}
         self.model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs).to(self.device).eval()
         config = self.model.config
         eos = self.model.generation_config.eos_token_id
-        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        pad = self.tokenizer.pad_token_id
+        pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else min(self.eos_ids, default=0)
         self.max_position_embeddings = int(getattr(config, "max_position_embeddings", 2048))
-        # no token stands for more bytes of text than its own spelling takes: an upper bound per token
-        self.max_token_bytes = max((len(t.encode("utf-8")) for t in self.tokenizer.get_vocab()), default=1)
         self.sampler = Sampler(self.device, self.eos_ids)
         self.max_decode_groups = max_decode_groups
         self.groups: list[DecodeGroup] = []
@@ -144,15 +124,6 @@ class Runner:
         peak = torch.cuda.max_memory_allocated(self.device) - base
         torch.cuda.empty_cache()
         return max(0, torch.cuda.mem_get_info(self.device)[0] - peak)
-
-    def tokenize(self, text: str) -> list[int]:
-        """Prompt ids with the model's special tokens. Fast tokenizers encode through their Rust
-        object directly: ``tokenizer(text)`` may reconfigure it (a mutable borrow) while the
-        response thread is decoding with it, which fails with "Already borrowed"."""
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)
-        if backend is not None:
-            return backend.encode(text).ids
-        return self.tokenizer(text).input_ids
 
     @torch.inference_mode()
     def prefill(self, batch: Sequence[Request]) -> StepOutput:

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from bucketserve.request import Request
+from bucketserve.engine.request import Request
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,6 @@ class KVBudget:
     """M_safe: the most bytes the running set's KV may hold."""
     spare: int = 0
     """Positions each slab keeps beyond its filled length (``kv_cache_growth``)."""
-    max_num_seqs: int = 1 << 30
 
     def footprint(self, rows: int, longest: int) -> int:
         """Bytes of a padded cache of ``rows`` rows whose longest row reaches ``longest`` positions."""
@@ -63,10 +62,9 @@ class KVBudget:
     def fits(self, requests: Iterable[Request]) -> bool:
         return self.reserved(requests) <= self.budget_bytes
 
-    def n_max(self, longest: int) -> int:
-        """N_max: the largest batch of sequences reaching ``longest`` positions that fits the budget."""
-        per_row = (longest + self.spare) * self.bytes_per_token
-        return max(0, min(self.max_num_seqs, self.budget_bytes // per_row))
+    def seqs_that_fit(self, longest: int) -> int:
+        """How many sequences reaching ``longest`` positions the budget holds (the memory side of N_max)."""
+        return max(0, self.budget_bytes // ((longest + self.spare) * self.bytes_per_token))
 
 
 def available_ram() -> int:

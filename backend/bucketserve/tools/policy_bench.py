@@ -17,17 +17,18 @@ import random
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from tqdm import tqdm
+
 from bucketserve.config import EngineConfig
+from bucketserve.engine.outputs import RequestOutput
+from bucketserve.engine.policy import POLICIES
+from bucketserve.engine.request import Priority, SamplingParams
+from bucketserve.factory import LoadedModel, build_engine, load_model
 from bucketserve_client import workload
-from bucketserve.engine import Engine, Event
-from bucketserve.model_builder import corpus, default_model_dir
-from bucketserve.policy import OFFLINE, POLICIES
-from bucketserve.request import Request, SamplingParams
-from bucketserve.runner import Runner
-from bucketserve.scheduler import build_scheduler
+from bucketserve_client.defaults import corpus, default_model_dir
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,10 @@ class Job:
     max_tokens: int
 
 
-def mixed_workload(runner: Runner, n: int, long_share: float, seed: int, max_len: int) -> list[Job]:
+def mixed_workload(model: LoadedModel, n: int, long_share: float, seed: int, max_len: int) -> list[Job]:
     """The client bench's ``mixed`` lengths (same seed, same lengths), as windows of corpus token ids."""
     rng = random.Random(seed)
-    text_ids = runner.tokenize("\n".join(corpus(2_000_000)))
+    text_ids = model.tokenizer.encode("\n".join(corpus(2_000_000)))
     jobs = []
     for length, out in workload.lengths("mixed", n, max_len, seed, long_share):
         start = rng.randrange(len(text_ids) - length)
@@ -65,39 +66,38 @@ class PolicyResult:
 
 
 class Done:
-    def __init__(self, total: int):
-        self.total, self.finished, self.tokens = total, 0, 0
+    """Counts finished requests and generated tokens as the engine's outputs arrive."""
+
+    def __init__(self, bar: tqdm):
+        self.bar, self.finished, self.tokens = bar, 0, 0
         self.cond = threading.Condition()
 
-    def __call__(self, events: list[Event]) -> None:
+    def __call__(self, outputs: list[RequestOutput]) -> None:
         with self.cond:
-            for e in events:
-                self.tokens += len(e.new_tokens)
-                self.finished += e.finish is not None
+            for o in outputs:
+                self.tokens += len(o.token_ids)
+                self.finished += o.finished
+            self.bar.n = self.finished
+            self.bar.set_postfix(tokens=self.tokens, refresh=False)
+            self.bar.refresh()
             self.cond.notify_all()
 
 
-def run_policy(runner: Runner, config: EngineConfig, jobs: list[Job], max_len: int) -> PolicyResult:
-    done = Done(len(jobs))
-    runner.max_decode_groups = config.max_decode_groups
-    scheduler = build_scheduler(config, runner.kv_cost().bytes_per_token, runner.free_device_memory(
-        config.max_prefill_tokens, max_len), max_len)
-    engine = Engine(runner, scheduler, done, log=lambda m: print(m, file=sys.stderr))
-    requests = [Request("", job.prompt_ids, SamplingParams(max_tokens=job.max_tokens, temperature=0.0, ignore_eos=True),
-                        priority=OFFLINE) for job in jobs]
-    expected = sum(job.max_tokens for job in jobs)
-    start = time.perf_counter()
-    for request in requests:
-        engine.submit(request)
-    engine.start()
-    with done.cond:
-        while done.finished < len(jobs):
-            done.cond.wait_for(lambda: done.finished == len(jobs), timeout=1.0)
-            print(f"\r  {config.scheduler_policy:12s} {done.finished:4d}/{len(jobs)} requests "
-                  f"{done.tokens:6d}/{expected} tokens {time.perf_counter() - start:6.1f} s", end="", file=sys.stderr)
-    seconds = time.perf_counter() - start
-    print(file=sys.stderr)
-    engine.stop()
+def run_policy(model: LoadedModel, config: EngineConfig, jobs: list[Job]) -> PolicyResult:
+    quiet = lambda m: None  # noqa: E731
+    with tqdm(total=len(jobs), desc=f"  {config.scheduler_policy:12s}", unit="req", file=sys.stderr) as bar:
+        done = Done(bar)
+        engine = build_engine(config, model, done, log=quiet, log_error=lambda m: print(m, file=sys.stderr))
+        sampling = [SamplingParams(max_tokens=job.max_tokens, temperature=0.0, ignore_eos=True) for job in jobs]
+        requests = [engine.make_request("", s, Priority.OFFLINE, prompt_ids=job.prompt_ids) for job, s in zip(jobs, sampling)]
+        start = time.perf_counter()
+        for request in requests:
+            engine.submit(request)
+        engine.start()
+        with done.cond:
+            done.cond.wait_for(lambda: done.finished == len(jobs))
+        seconds = time.perf_counter() - start
+        engine.stop()
     s = engine.stats
     return PolicyResult(config.scheduler_policy, seconds, s.output_tokens, s.output_tokens / seconds, len(jobs) / seconds,
                         s.prefill_batches, len(jobs) / max(1, s.prefill_batches), s.prefill_padding_total,
@@ -133,24 +133,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    model_path = str(args.model_path or default_model_dir())
-    runner = Runner(model_path, args.device, args.dtype, log=lambda m: print(f"[bench-policies] {m}", file=sys.stderr))
-    max_len = runner.max_position_embeddings
-    jobs = mixed_workload(runner, args.requests, args.long_share, args.seed, max_len)
+    params = dict(kv.split("=", 1) for kv in args.param)
+    params.update(max_num_seqs=str(args.max_num_seqs), max_decode_groups=str(args.max_decode_groups),
+                  kv_cache_bytes=str(args.kv_cache_bytes), device=args.device, dtype=args.dtype)
+    base = EngineConfig.from_parameters(params)
+    model = load_model(base, str(args.model_path or default_model_dir()),
+                       log=lambda m: print(f"[bench-policies] {m}", file=sys.stderr))
+    max_len = base.max_model_len or model.executor.max_position_embeddings
+    jobs = mixed_workload(model, args.requests, args.long_share, args.seed, max_len)
     lengths = sorted(len(j.prompt_ids) for j in jobs)
     print(f"[bench-policies] {len(jobs)} requests, prompt tokens median {lengths[len(lengths) // 2]}, "
           f"mean {sum(lengths) / len(lengths):.0f}, max {lengths[-1]}; output tokens {sum(j.max_tokens for j in jobs)}",
           file=sys.stderr)
-    warm = EngineConfig(scheduler_policy="continuous", kv_cache_bytes=args.kv_cache_bytes)
     print("[bench-policies] warm-up", file=sys.stderr)
-    run_policy(runner, warm, jobs[:4], max_len)  # first forwards pay one-off costs
-    results = []
-    for policy in args.policies.split(","):
-        params = dict(kv.split("=", 1) for kv in args.param)
-        params.update(scheduler_policy=policy, max_num_seqs=str(args.max_num_seqs),
-                      max_decode_groups=str(args.max_decode_groups), kv_cache_bytes=str(args.kv_cache_bytes))
-        config = EngineConfig.from_parameters(params)
-        results.append(run_policy(runner, config, jobs, max_len))
+    run_policy(model, replace(base, scheduler_policy="continuous"), jobs[:4])  # first forwards pay one-off costs
+    results = [run_policy(model, replace(base, scheduler_policy=policy), jobs) for policy in args.policies.split(",")]
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))

@@ -21,7 +21,7 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from bucketserve.request import Request
+from bucketserve.engine.request import Request
 
 
 @dataclass
@@ -46,7 +46,7 @@ class BucketRules:
     """Buckets narrower than twice this do not split."""
 
 
-NMax = Callable[[Bucket], int]
+BatchLimit = Callable[[Bucket], int]
 """N_max of a bucket: how many of its requests one batch may hold (from its upper bound)."""
 
 
@@ -66,19 +66,19 @@ class BucketManager:
             buckets[bisect.bisect_right(lows, length) - 1].requests.append(request)
         return buckets
 
-    def update(self, waiting: Sequence[Request], n_max: NMax) -> list[Bucket]:
+    def update(self, waiting: Sequence[Request], batch_limit: BatchLimit) -> list[Bucket]:
         """Sort ``waiting`` (in its order) into buckets, merge or split them; return the buckets."""
         buckets = self._assign(waiting)
-        if len(buckets) > 1 and len(waiting) < self.rules.merge_ratio * n_max(Bucket(0, self.max_len, list(waiting))):
+        if len(buckets) > 1 and len(waiting) < self.rules.merge_ratio * batch_limit(Bucket(0, self.max_len, list(waiting))):
             self.bounds = [0, self.max_len]
             self.merges += 1
             buckets = self._assign(waiting)
-        split = [child for bucket in buckets for child in self._split(bucket, n_max)]
+        split = [child for bucket in buckets for child in self._split(bucket, batch_limit)]
         self.bounds = [b.low for b in split] + [self.max_len]
         return split
 
-    def _split(self, bucket: Bucket, n_max: NMax) -> list[Bucket]:
-        if len(bucket.requests) <= n_max(bucket) or bucket.up - bucket.low < 2 * self.rules.min_width:
+    def _split(self, bucket: Bucket, batch_limit: BatchLimit) -> list[Bucket]:
+        if len(bucket.requests) <= batch_limit(bucket) or bucket.up - bucket.low < 2 * self.rules.min_width:
             return [bucket]
         mid = (bucket.low + bucket.up) // 2
         lower = [r for r in bucket.requests if r.prompt_len < mid]
@@ -86,5 +86,5 @@ class BucketManager:
         share = len(lower) / len(bucket.requests)
         if share > self.rules.theta or (self.rules.symmetric_split and 1 - share > self.rules.theta):
             self.splits += 1
-            return self._split(Bucket(bucket.low, mid, lower), n_max) + self._split(Bucket(mid, bucket.up, upper), n_max)
+            return self._split(Bucket(bucket.low, mid, lower), batch_limit) + self._split(Bucket(mid, bucket.up, upper), batch_limit)
         return [bucket]

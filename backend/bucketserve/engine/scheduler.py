@@ -1,16 +1,18 @@
-"""The engine's bookkeeping: the waiting queue, the running set, and what each step runs."""
+"""The engine's bookkeeping: the waiting queue, the running set, and what each step runs.
+
+Only the engine thread changes them; other threads may read their lengths, so both lists are changed
+in place and never replaced by new objects."""
 
 from __future__ import annotations
 
 import time
-from collections import deque
 
-from bucketserve.buckets import BucketRules
+from bucketserve.engine.buckets import BucketRules
 from bucketserve.config import EngineConfig
-from bucketserve.memory import KVBudget, safe_budget
-from bucketserve.monitor import BucketView
-from bucketserve.policy import AdmissionPolicy, BucketPolicy, ContinuousPolicy, Ordering, StaticPolicy, StepContext
-from bucketserve.request import FinishReason, Request, Status
+from bucketserve.engine.memory import KVBudget, safe_budget
+from bucketserve.engine.monitor import BucketView
+from bucketserve.engine.policy import AdmissionPolicy, BucketPolicy, ContinuousPolicy, Ordering, StaticPolicy, StepContext
+from bucketserve.engine.request import FinishReason, Priority, Request, Status
 
 
 def make_policy(config: EngineConfig, max_len: int) -> AdmissionPolicy:
@@ -27,35 +29,34 @@ def make_policy(config: EngineConfig, max_len: int) -> AdmissionPolicy:
 def build_scheduler(config: EngineConfig, bytes_per_token: int, device_free: int | None, max_len: int) -> "Scheduler":
     """The scheduler a config describes: its policy and its KV budget (M_safe)."""
     budget_bytes = safe_budget(config.kv_safety, config.kv_cache_bytes, config.kv_cache_memory_fraction, device_free)
-    budget = KVBudget(bytes_per_token, budget_bytes, config.kv_cache_growth, config.max_num_seqs)
-    return Scheduler(make_policy(config, max_len), budget, config.max_prefill_tokens, max_len)
+    budget = KVBudget(bytes_per_token, budget_bytes, config.kv_cache_growth)
+    return Scheduler(make_policy(config, max_len), budget, config.max_prefill_tokens, max_len, config.max_num_seqs)
 
 
 class Scheduler:
-    def __init__(self, policy: AdmissionPolicy, budget: KVBudget, max_prefill_tokens: int, max_len: int):
+    def __init__(self, policy: AdmissionPolicy, budget: KVBudget, max_prefill_tokens: int, max_len: int,
+                 max_num_seqs: int = 1 << 30):
         self.policy = policy
         self.budget = budget
         self.max_prefill_tokens = max_prefill_tokens
         self.max_len = max_len
-        self.waiting: deque[Request] = deque()
+        self.max_num_seqs = max_num_seqs
+        """Most sequences in the running set at once (a slot limit, not a memory one)."""
+        self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.last_select_s = 0.0
         """How long the last policy decision (bucketing included) took."""
 
-    @property
-    def max_num_seqs(self) -> int:
-        return self.budget.max_num_seqs
-
     def n_max(self) -> int:
         """N_max of the whole length range: how many sequences of the longest allowed length fit."""
-        return self.budget.n_max(self.max_len)
+        return min(self.max_num_seqs, self.budget.seqs_that_fit(self.max_len))
 
     def buckets(self) -> tuple[BucketView, ...]:
         """The buckets of the last decision with the requests still waiting in each; one bucket
         over the whole range for policies without buckets."""
         if isinstance(self.policy, BucketPolicy) and self.policy.buckets:
             return tuple(BucketView(b.low, b.up, sum(r.status is Status.WAITING for r in b.requests),
-                                    self.policy.n_max(b)) for b in self.policy.buckets)
+                                    self.policy.batch_limit(b)) for b in self.policy.buckets)
         return (BucketView(0, self.max_len, len(self.waiting), self.n_max()),)
 
     def has_work(self) -> bool:
@@ -81,13 +82,13 @@ class Scheduler:
             return []
         start = time.perf_counter()
         ctx = StepContext(time.monotonic() if now is None else now, self.running, free, self.max_prefill_tokens,
-                          self.budget)
+                          self.budget, self.max_num_seqs)
         batch = self.policy.select(self.waiting, ctx)
         self.last_select_s = time.perf_counter() - start
         if not batch:
             return []
         chosen = set(map(id, batch))
-        self.waiting = deque(r for r in self.waiting if id(r) not in chosen)
+        self.waiting[:] = [r for r in self.waiting if id(r) not in chosen]
         for request in batch:
             request.status = Status.RUNNING
         self.running.extend(batch)
@@ -102,11 +103,22 @@ class Scheduler:
 
     def drop_waiting(self, ids: set[int]) -> None:
         if ids:
-            self.waiting = deque(r for r in self.waiting if r.id not in ids)
+            self.waiting[:] = [r for r in self.waiting if r.id not in ids]
 
     def retire(self, done: dict[int, FinishReason]) -> None:
         """Finish the running requests named in ``done``; they leave the running set."""
         for request in self.running:
             if request.id in done:
                 request.finish(done[request.id])
-        self.running = [r for r in self.running if r.id not in done]
+        self.running[:] = [r for r in self.running if r.id not in done]
+
+    def clear(self) -> list[Request]:
+        """Empty both queues (a failed step, or shutdown); return what they held."""
+        held = self.waiting + self.running
+        self.waiting.clear()
+        self.running.clear()
+        return held
+
+    def waiting_by_priority(self) -> tuple[int, int]:
+        online = sum(1 for r in self.waiting if r.priority == Priority.ONLINE)
+        return online, len(self.waiting) - online

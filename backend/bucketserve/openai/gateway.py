@@ -1,4 +1,4 @@
-"""`bucketserve-client openai-gateway`: an OpenAI-compatible ``/v1/completions`` endpoint in front of
+"""`bucketserve openai-gateway`: an OpenAI-compatible ``/v1/completions`` endpoint in front of
 Triton, so tools written for vLLM's server (and our bench's ``openai://`` target) reach BucketServe.
 
 Each HTTP request becomes one gRPC stream to Triton; streamed completions are Server-Sent Events

@@ -2,20 +2,19 @@
 
 No model hub is reachable from our machines, so the default checkpoint is made locally and saved
 with ``save_pretrained``; it then loads through ``from_pretrained(DIR)``, the same path a user's
-real checkpoint takes. The default shape matches the model our peers were measured on
-(``shared/PEERS.md``): 19.6M parameters, so figures are comparable.
+real checkpoint takes. The default shape is the one vLLM and the other peers in docs/peers.md were
+measured on: 19.6M parameters, so figures are comparable.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import sysconfig
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+
+from bucketserve_client.defaults import corpus, default_model_dir
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 MARKER = "bucketserve-model.json"
@@ -34,24 +33,6 @@ class ModelSpec:
     max_position_embeddings: int = 2048
     seed: int = 0
     tokenizer_corpus_bytes: int = 6_000_000
-
-
-def corpus_files() -> list[Path]:
-    """Python's own standard library: text every machine with this interpreter has."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py") if "test" not in p.parts and "site-packages" not in p.parts]
-    return sorted(files)
-
-
-def corpus(limit_bytes: int) -> Iterator[str]:
-    """Yield stdlib sources in a fixed order until ``limit_bytes``, so the tokenizer is reproducible."""
-    used = 0
-    for path in corpus_files():
-        text = path.read_text(encoding="utf-8", errors="ignore")
-        yield text
-        used += len(text)
-        if used >= limit_bytes:
-            return
 
 
 def build_tokenizer(spec: ModelSpec, out_dir: Path) -> None:
@@ -128,10 +109,13 @@ def build(out_dir: Path, spec: ModelSpec = ModelSpec(), log=print) -> Path:
     return out_dir
 
 
-def default_model_dir() -> Path:
-    """Where ``bucketserve serve`` keeps the default model unless told otherwise."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "bucketserve" / "models" / "tiny-llama"
+def ensure_default_model(log=print) -> Path:
+    """The default model's directory, built there first if it is not yet."""
+    default = default_model_dir()
+    if not is_built(default):
+        log(f"[bucketserve] default model missing; building it in {default} (once)")
+        build(default, log=log)
+    return default
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,11 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from bucketserve.buckets import Bucket, BucketManager, BucketRules
-from bucketserve.memory import KVBudget, final_length
-from bucketserve.request import Request
-
-ONLINE, OFFLINE = 0, 1
+from bucketserve.engine.buckets import Bucket, BucketManager, BucketRules
+from bucketserve.engine.memory import KVBudget, final_length
+from bucketserve.engine.request import Priority, Request
 
 
 @dataclass(frozen=True)
@@ -31,6 +29,8 @@ class StepContext:
     max_prefill_tokens: int
     """Padded tokens (batch size x longest prompt) one prefill batch may hold."""
     budget: KVBudget
+    max_num_seqs: int = 1 << 30
+    """Most sequences in the running set: no batch is larger, whatever memory allows."""
 
 
 class AdmissionPolicy(Protocol):
@@ -94,7 +94,7 @@ class Ordering:
         arrival + slo_ms) once ``deadline_urgency`` of it has passed; one without is lifted a class per
         ``aging_ms`` it waits, urgent with a deadline of when it got there, so nothing starves."""
         waited_ms = (now - request.arrival_time) * 1000
-        base = 1 if request.priority == ONLINE else 2
+        base = 1 if request.priority == Priority.ONLINE else 2
         if request.slo_ms is not None:
             # its own deadline keeps it from starving; aging it too would give it an earlier deadline than
             # its SLO, and under overload an aged offline backlog would then go before every online request
@@ -125,17 +125,18 @@ class BucketPolicy:
         self.ordering = ordering
         self.max_queue_delay_s = max_queue_delay_ms / 1000
         self.buckets: list[Bucket] = []
-        self.budget: KVBudget | None = None
+        self._ctx: StepContext | None = None
 
-    def n_max(self, bucket: Bucket) -> int:
-        """From the bucket's upper bound and the largest max_tokens among its requests."""
-        assert self.budget is not None
+    def batch_limit(self, bucket: Bucket) -> int:
+        """The bucket's N_max: how many of its longest requests (its upper bound plus the largest
+        max_tokens among them) the KV budget holds, within max_num_seqs; at least 1."""
+        assert self._ctx is not None
         out = max((r.sampling.max_tokens for r in bucket.requests), default=0)
-        return max(1, self.budget.n_max(bucket.up - 1 + out))
+        return max(1, min(self._ctx.max_num_seqs, self._ctx.budget.seqs_that_fit(bucket.up - 1 + out)))
 
     def select(self, waiting: Sequence[Request], ctx: StepContext) -> list[Request]:
-        self.budget = ctx.budget
-        self.buckets = self.manager.update(waiting, self.n_max)
+        self._ctx = ctx
+        self.buckets = self.manager.update(waiting, self.batch_limit)
         ranked = []
         for bucket in self.buckets:
             if bucket.requests:
@@ -143,7 +144,7 @@ class BucketPolicy:
                 ranked.append((self.ordering.rank(order[0], ctx.now), bucket, order))
         ranked.sort(key=lambda item: item[0])
         for position, (top, bucket, order) in enumerate(ranked):
-            n_max = self.n_max(bucket)
+            n_max = self.batch_limit(bucket)
             batch = fill(order, ctx, n_max)
             if not batch:
                 if position == 0 and top[0] == 0:

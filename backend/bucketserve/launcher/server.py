@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bucketserve.config import MODEL_PATH_ENV
-from bucketserve.watchdog import StubWatch
+from bucketserve.launcher.watchdog import StubWatch
 
 STUB_DIED_EXIT = 3
 """Exit code of ``bucketserve serve`` after it stopped tritonserver because a model's stub died."""

@@ -1,0 +1,53 @@
+"""What the engine needs from an executor (the part that runs a model on a device), as a Protocol.
+
+The engine core stays free of torch: it hands the executor a prefill batch or asks for a decode
+step, and gets back one token per row that ran plus the rows whose forward failed. Any executor
+(today the transformers one in ``bucketserve.executor.hf``) is interchangeable behind this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+from bucketserve.engine.request import Request
+
+
+@dataclass
+class StepOutput:
+    """What one prefill or decode step produced: a token per row that ran, and the rows whose forward
+    failed even alone, with why (their KV is already dropped; every other row is unaffected)."""
+
+    rows: list[Request] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    failed: list[tuple[Request, str]] = field(default_factory=list)
+
+    def add(self, rows: Sequence[Request], tokens: list[int]) -> None:
+        self.rows += rows
+        self.tokens += tokens
+
+    def fail(self, rows: Sequence[Request], error: BaseException) -> None:
+        self.failed += [(r, f"{type(error).__name__}: {error}") for r in rows]
+
+
+class Executor(Protocol):
+    eos_ids: frozenset[int]
+    last_decode_positions: tuple[int, int]
+    """(cached positions, padding positions) the last decode step attended to."""
+    oom_retries: int
+    """Forward passes that ran out of memory and were retried as two halves."""
+
+    def prefill(self, batch: Sequence[Request]) -> StepOutput:
+        """Run the batch's prompts, sample each first token, and add the rows to the running set."""
+
+    def decode(self) -> StepOutput:
+        """One token for every running row."""
+
+    def drop(self, ids: set[int]) -> None:
+        """Finished or aborted sequences leave the running set; their KV is freed."""
+
+    def reset(self) -> None:
+        """Forget the whole running set (after a failed step)."""
+
+    def kv_bytes(self) -> int:
+        """Bytes the running set's KV holds now, padding and spare room included."""

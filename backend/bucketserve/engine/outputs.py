@@ -1,0 +1,96 @@
+"""From the engine's token events to what a client sees: one ``RequestOutput`` per request per batch of
+events, with its text delta, token ids, and exactly one final output (finish reason or error).
+
+Runs on the engine's output thread, never the engine thread. Detokenizing and stop strings happen
+here for every front end. Events that piled up while a client lagged are coalesced into one output
+per request, so a slow consumer gets fewer, larger deltas and the same text in total.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from bucketserve.engine.detokenizer import TextStream
+from bucketserve.engine.request import FinishReason, Request
+
+
+@dataclass
+class Event:
+    """What the engine thread reports for one request in one step."""
+
+    request: Request
+    new_tokens: list[int]
+    finish: FinishReason | None = None
+    error: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    request: Request
+    text: str = ""
+    """Text released since this request's previous output."""
+    token_ids: list[int] = field(default_factory=list)
+    """Tokens generated since this request's previous output (those a stop string cut off included)."""
+    finish_reason: FinishReason | None = None
+    """Set on the request's one final output."""
+    error: str | None = None
+    """Why the request failed (``finish_reason`` ERROR or DEADLINE), for the client."""
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+Abort = Callable[[int, FinishReason], None]
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any, abort: Abort):
+        self.tokenizer = tokenizer
+        self.abort = abort
+        self._texts: dict[int, TextStream] = {}
+        self._stopped: set[int] = set()
+        """Requests a stop string finished, until the engine's own final event for them arrives."""
+
+    def process(self, events: list[Event]) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        latest: dict[int, RequestOutput] = {}
+        for event in events:
+            rid = event.request.id
+            if rid in self._stopped:
+                if event.finish is not None:
+                    self._stopped.discard(rid)
+                continue
+            out = latest.get(rid)
+            if out is not None and out.finished:
+                continue
+            ends_without_text = event.error is not None or event.finish is FinishReason.CANCELLED
+            if out is None or (ends_without_text and (out.text or out.token_ids)):
+                # an error or cancellation is an output of its own: the text before it still reaches the client
+                out = latest[rid] = RequestOutput(event.request)
+                outputs.append(out)
+            self._apply(event, out, ends_without_text)
+        return outputs
+
+    def _apply(self, event: Event, out: RequestOutput, ends_without_text: bool) -> None:
+        rid = event.request.id
+        if ends_without_text:
+            self._texts.pop(rid, None)
+            out.finish_reason, out.error = event.finish, event.error
+            return
+        text = self._texts.get(rid)
+        if text is None:
+            text = self._texts[rid] = TextStream(self.tokenizer, event.request.sampling.stop)
+        out.text += text.push(event.new_tokens)
+        out.token_ids += event.new_tokens
+        finish = event.finish
+        if text.stopped:
+            finish = FinishReason.STOP
+            if event.finish is None:  # the engine still runs it: stop it, and drop what it sends until then
+                self._stopped.add(rid)
+                self.abort(rid, FinishReason.STOP)
+        if finish is not None:
+            out.text += text.finish()
+            out.finish_reason = finish
+            del self._texts[rid]

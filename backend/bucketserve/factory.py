@@ -1,0 +1,55 @@
+"""One way to build an engine, used by every front end: the Triton model, ``LLM``, ``bench-policies``
+and the tests. Loading the model (``load_model``) is separate from building an engine over it
+(``build_engine``), so one loaded model can serve several engines in turn (the policy benchmark)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+from bucketserve.config import EngineConfig
+from bucketserve.engine.engine import Engine, OnOutput
+from bucketserve.engine.scheduler import build_scheduler
+from bucketserve.engine.tokenizer import PromptTokenizer
+from bucketserve.executor.hf import HFExecutor
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class LoadedModel:
+    path: str
+    tokenizer: PromptTokenizer
+    executor: HFExecutor
+
+
+def load_model(config: EngineConfig, model_path: str, log: Log = print, device: str | None = None,
+               faults: str = "") -> LoadedModel:
+    """Tokenizer and executor for a Hugging Face checkpoint directory. ``device`` overrides
+    ``config.device`` (Triton's KIND_GPU placement); ``faults`` is the test-only fault plan."""
+    from transformers import AutoTokenizer
+
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise FileNotFoundError(f"{model_path} is not a Hugging Face model directory (no config.json)")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    executor = HFExecutor(model_path, tokenizer, device or config.device, config.dtype, config.num_threads,
+                          config.kv_cache_growth, config.max_decode_groups, log=log)
+    if faults:
+        executor.install_faults(faults)
+    return LoadedModel(model_path, PromptTokenizer(tokenizer), executor)
+
+
+def build_engine(config: EngineConfig, model: LoadedModel, on_output: OnOutput, log: Log = print,
+                 log_error: Log | None = None) -> Engine:
+    """An engine (not started) over ``model`` with the scheduler, KV budget and limits ``config`` names.
+    ``log`` takes what it set up; ``log_error`` (default ``log``) the engine's failures."""
+    executor = model.executor
+    max_len = config.max_model_len or executor.max_position_embeddings
+    free = executor.free_device_memory(config.max_prefill_tokens, max_len)
+    scheduler = build_scheduler(config, executor.kv_cost().bytes_per_token, free, max_len)
+    budget = scheduler.budget
+    log(f"policy {config.scheduler_policy}; KV budget {budget.budget_bytes / 2**20:.0f} MiB "
+        f"({budget.bytes_per_token} bytes per token), N_max {scheduler.n_max()} at {max_len} tokens")
+    return Engine(executor, scheduler, model.tokenizer, on_output, log=log_error or log, max_queue_size=config.max_queue_size,
+                  slo_expiry=config.slo_expiry)

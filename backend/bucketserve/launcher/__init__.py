@@ -1,0 +1,1 @@
+"""`bucketserve serve`: finds and starts tritonserver, and watches its model processes."""

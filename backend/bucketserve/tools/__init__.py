@@ -1,0 +1,1 @@
+"""Command-line tools: build the default model, benchmark the policies, run a batch file offline."""
