@@ -24,12 +24,13 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bucketserve.launcher.watchdog import children
+import psutil
+
 from bucketserve_client import loadgen, scrape
 from bucketserve_client.arrivals import arrival_times
 from bucketserve_client.stats import Outcome, percentile
-from bucketserve_client.targets import TritonTarget
 from bucketserve_client.defaults import corpus_text, default_model_dir
+from bucketserve_client.targets import TritonTarget
 from bucketserve_client.workload import PromptMaker, RequestSpec, generate, materialize
 
 MODEL = "bucketserve"
@@ -47,16 +48,17 @@ class Point:
 
 def tree_rss(pid: int) -> int:
     """Resident bytes of a process and all its descendants (tritonserver and the models' stubs)."""
-    total, todo = 0, [pid]
-    while todo:
-        p = todo.pop()
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for proc in procs:
         try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
+            total += proc.memory_info().rss
+        except psutil.NoSuchProcess:
             continue
-        todo += children(p)
     return total
 
 

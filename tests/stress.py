@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import tritonclient.grpc as grpcclient
 
 from bucketserve_client.client import build_inputs, is_final, response_fields
+from tests.bad_inputs import CASES
 
 MODEL = "bucketserve"
 QUIET_S = 0.1
@@ -46,8 +47,8 @@ CANCEL_TOKENS = 96
 leaks a request's state when the cancellation races the final response (fixed upstream in server PR
 #8078), and the model then cannot unload at shutdown; our client never cancels a finished request, and
 this keeps the race out of the test."""
-BAD = [({"max_tokens": -1}, "max_tokens must be >= 1"), ({"top_p": 7}, "top_p must be in (0, 1]"),
-       ({"beam_width": 2}, "unknown key 'beam_width'"), ({"priority": 5}, "priority must be one of")]
+BAD = [(c.sampling, c.message) for c in CASES if c.sampling_only]
+"""Malformed requests the run mixes in: the bad-input table's cases that are a sampling_parameters dict alone."""
 
 
 @dataclass
@@ -112,7 +113,9 @@ def check_grpc(answers: list, expected: str | None, bad: str | None) -> tuple[in
 
 
 def http_request(http: str, prompt: str, sampling: dict, bad: str | None, expected: str | None) -> str | None:
-    body = json.dumps({"text_input": prompt, "exclude_input_in_output": True, **sampling}).encode()
+    # as sampling_parameters: Triton's generate endpoint would itself refuse a word where a number input goes
+    body = json.dumps({"text_input": prompt, "exclude_input_in_output": True,
+                       "sampling_parameters": json.dumps(sampling)}).encode()
     req = urllib.request.Request(f"http://{http}/v2/models/{MODEL}/generate", data=body,
                                  headers={"Content-Type": "application/json"})
     try:

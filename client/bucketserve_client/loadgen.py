@@ -9,6 +9,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tqdm import tqdm
+
 from bucketserve_client import scrape
 from bucketserve_client.stats import Outcome
 from bucketserve_client.targets import Target
@@ -18,31 +20,11 @@ SAMPLE_INTERVAL_S = 0.5
 SETTLE_S = 3.0
 
 
-class Progress:
-    """One line per run: redrawn in place on a terminal, every 10% otherwise (so logs stay short)."""
-
-    def __init__(self, label: str, total: int, stream: Any = sys.stderr):
-        self.label, self.total, self.stream = label, total, stream
-        self.done = self.failed = 0
-        self.start = time.perf_counter()
-        self.tty = stream.isatty()
-        self._shown = -1
-
-    def update(self, ok: bool) -> None:
-        self.done += 1
-        self.failed += not ok
-        tenth = self.done * 10 // self.total
-        if self.tty or tenth != self._shown:
-            self._shown = tenth
-            width = 30
-            bar = "#" * (self.done * width // self.total)
-            line = (f"{self.label}: [{bar:<{width}}] {self.done}/{self.total} requests"
-                    f"{f', {self.failed} failed' if self.failed else ''}, {time.perf_counter() - self.start:.1f} s")
-            print(f"\r{line}" if self.tty else line, end="" if self.tty else "\n", file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self.tty:
-            print(file=self.stream, flush=True)
+def progress(label: str, total: int) -> tqdm:
+    """One bar per run: redrawn in place on a terminal, a line every 10 s otherwise (so logs stay short)."""
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=label, file=sys.stderr, mininterval=0.1 if tty else 10.0, ascii=not tty,
+                bar_format="{desc}: [{bar:30}] {n_fmt}/{total_fmt} requests{postfix}, {elapsed}")
 
 
 @dataclass
@@ -74,12 +56,14 @@ async def run(target: Target, specs: list[RequestSpec], times: list[float], labe
     """Send ``specs[i]`` at ``times[i]`` seconds from now; return when every request has its final response."""
     import aiohttp
 
-    progress = Progress(label, len(specs))
+    bar = progress(label, len(specs))
+    failed = 0
     outcomes: list[Outcome | None] = [None] * len(specs)
     samples: list[scrape.Sample] = []
     start = time.perf_counter()
 
     async def one(i: int) -> None:
+        nonlocal failed
         await asyncio.sleep(max(0.0, times[i] - (time.perf_counter() - start)))
         sent = time.perf_counter() - start
         try:
@@ -90,7 +74,10 @@ async def run(target: Target, specs: list[RequestSpec], times: list[float], labe
         else:
             outcomes[i] = Outcome(specs[i].cls.name, sent, reply.ttft, reply.e2e, reply.output_tokens,
                                   specs[i].cls.ttft_ms / 1000, specs[i].cls.e2e_ms / 1000, reply.error)
-        progress.update(outcomes[i].ok)
+        if not outcomes[i].ok:
+            failed += 1
+            bar.set_postfix(failed=failed, refresh=False)
+        bar.update(1)
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         url = target.metrics_url
@@ -107,7 +94,7 @@ async def run(target: Target, specs: list[RequestSpec], times: list[float], labe
 
         watcher = asyncio.create_task(sampler()) if url else None
         await asyncio.gather(*(one(i) for i in range(len(specs))))
-        progress.close()
+        bar.close()
         if watcher is not None:
             watcher.cancel()
         server = await _settled(session, url, target.model, before, outcomes) if url else {}

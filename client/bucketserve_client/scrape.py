@@ -3,11 +3,9 @@ buckets, N_max and KV bytes over time."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-LINE = re.compile(r"(\w+)(?:\{(.*)\})? (\S+)")
-LABEL = re.compile(r'(\w+)="([^"]*)"')
+from prometheus_client.parser import text_string_to_metric_families
 
 COUNTERS = ("bucketserve_prefill_positions_total", "bucketserve_prefill_padding_positions_total",
             "bucketserve_decode_positions_total", "bucketserve_decode_padding_positions_total",
@@ -17,13 +15,12 @@ COUNTERS = ("bucketserve_prefill_positions_total", "bucketserve_prefill_padding_
 def series(text: str, model: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     """name -> [(labels, value)] for every ``bucketserve_`` series of ``model``."""
     found: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for line in text.splitlines():
-        m = LINE.fullmatch(line)
-        if not m or not m[1].startswith("bucketserve_"):
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith("bucketserve_"):
             continue
-        labels = dict(LABEL.findall(m[2] or ""))
-        if labels.get("model") == model:
-            found.setdefault(m[1], []).append((labels, float(m[3])))
+        for sample in family.samples:
+            if sample.labels.get("model") == model:
+                found.setdefault(sample.name, []).append((sample.labels, sample.value))
     return found
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 CAPACITY_ATTAINMENT = 0.8
 """The paper's capacity criterion: the highest request rate served with at least this SLO attainment."""
 QUANTILES = (50, 90, 99)
@@ -40,14 +42,8 @@ class Outcome:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default); NaN for no values."""
-    if not values:
-        return math.nan
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    low = math.floor(pos)
-    high = min(low + 1, len(xs) - 1)
-    return xs[low] + (xs[high] - xs[low]) * (pos - low)
+    """numpy's (linear interpolation between closest ranks); NaN for no values."""
+    return float(np.percentile(values, q)) if values else math.nan
 
 
 def attainment(outcomes: list[Outcome]) -> float:

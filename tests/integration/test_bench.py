@@ -7,7 +7,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -16,6 +15,8 @@ import pytest
 from bucketserve_client import BucketServeClient
 from bucketserve_client.targets import OpenAITarget, TritonTarget
 from bucketserve_client.workload import DEFAULT_CLASSES, RequestSpec
+
+from tests.waiting import wait_for
 
 from .conftest import free_ports, post_json
 
@@ -28,16 +29,20 @@ def gateway(server, tmp_path_factory):
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
     proc = subprocess.Popen([sys.executable, "-m", "bucketserve.cli", "openai-gateway", "--url", server.grpc_url,
                              "--port", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while True:
+
+    def up() -> bool:
+        assert proc.poll() is None, f"gateway exited:\n{log.read_text()}"
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
-                break
+                return True
         except (urllib.error.URLError, OSError):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"gateway did not start:\n{log.read_text()}")
-            time.sleep(0.2)
+            return False
+
+    try:
+        wait_for(up, timeout=60, what="the gateway answers /v1/models")
+    except AssertionError:
+        proc.kill()
+        raise
     yield port
     proc.terminate()
     proc.wait(30)
@@ -148,10 +153,8 @@ def test_a_client_leaving_the_gateway_cancels_its_request(server, gateway):
     while not response.readline().startswith(b"data: "):
         pass
     conn.close()
-    deadline = time.monotonic() + 60
-    while server.metric("bucketserve_requests_running") > 0 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)  # the metrics port refreshes just after the last response
+    # the cancelled request is counted when it ends, on the metrics port's next refresh
+    wait_for(lambda: tokens() > before and server.metric("bucketserve_requests_running") == 0, timeout=60)
     generated = tokens() - before
     assert server.metric("bucketserve_requests_running") == 0
     assert 1 <= generated < 500, f"{generated} tokens generated after the client left"

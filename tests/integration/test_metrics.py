@@ -3,11 +3,11 @@ what happened (queues, buckets, N_max, padding, KV bytes against the budget, lat
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 from bucketserve_client import BucketServeClient
 from bucketserve_client.client import BucketServeError
+from tests.waiting import wait_for
 
 
 def test_metrics_describe_a_mixed_run(server):
@@ -23,14 +23,14 @@ def test_metrics_describe_a_mixed_run(server):
 
     def settled() -> dict[str, float]:
         """Counters once they stop moving: earlier tests' last requests are counted by then."""
-        last, deadline = None, time.monotonic() + 15
-        while True:
-            now = {name: count(name) for name in counters}
-            if now == last and count("bucketserve_requests_running") == 0:
-                return now
-            assert time.monotonic() < deadline, "metrics never settled"
-            last = now
-            time.sleep(0.3)
+        seen: list[dict[str, float]] = []
+
+        def still() -> bool:
+            seen.append({name: count(name) for name in counters})
+            return len(seen) > 1 and seen[-1] == seen[-2] and count("bucketserve_requests_running") == 0
+
+        wait_for(still, timeout=15, interval=0.3, what="metrics settle")
+        return seen[-1]
 
     before = settled()
     client = BucketServeClient(server.grpc_url)

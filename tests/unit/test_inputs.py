@@ -10,6 +10,7 @@ import pytest
 from bucketserve.engine.request import InvalidInput
 from bucketserve.engine.tokenizer import check_lengths, check_prompt_bytes
 from bucketserve.triton.inputs import parse_request
+from tests.bad_inputs import CASES
 
 
 def text(s: str | bytes) -> np.ndarray:
@@ -53,39 +54,11 @@ def test_triton_internal_parameters_are_ignored():
     assert parse({}, {"triton_enable_empty_final_response": True}).sampling.max_tokens == 16
 
 
-@pytest.mark.parametrize(
-    "tensors, params, message",
-    [
-        ({"text_input": text("")}, {}, "text_input is empty"),
-        ({"text_input": text(b"\xff\xfe")}, {}, "not valid UTF-8"),
-        ({"text_input": np.array([b"a", b"b"], dtype=np.object_)}, {}, "exactly one element"),
-        ({"sampling_parameters": text("{not json")}, {}, "not valid JSON"),
-        ({"sampling_parameters": text("[1, 2]")}, {}, "must be a JSON object"),
-        ({"sampling_parameters": text('{"max_tokenz": 3}')}, {}, "unknown key 'max_tokenz'"),
-        ({"sampling_parameters": text('{"max_tokens": "many"}')}, {}, "must be an integer"),
-        ({"sampling_parameters": text('{"max_tokens": true}')}, {}, "got a boolean"),
-        ({"sampling_parameters": text('{"max_tokens": 1.5}')}, {}, "must be an integer"),
-        ({"sampling_parameters": text('{"temperature": "hot"}')}, {}, "must be a number"),
-        ({"sampling_parameters": text('{"stop": 5}')}, {}, "list of strings"),
-        ({"max_tokens": np.array([0], dtype=np.int32)}, {}, "max_tokens must be >= 1"),
-        ({"max_tokens": np.array([-3], dtype=np.int32)}, {}, "max_tokens must be >= 1"),
-        ({"min_tokens": np.array([20], dtype=np.int32)}, {}, "min_tokens must be between"),
-        ({"temperature": np.array([-0.5], dtype=np.float32)}, {}, "temperature must be >= 0"),
-        ({"temperature": np.array([np.nan], dtype=np.float32)}, {}, "must be finite"),
-        ({"top_p": np.array([0.0], dtype=np.float32)}, {}, "top_p must be in (0, 1]"),
-        ({"top_p": np.array([1.5], dtype=np.float32)}, {}, "top_p must be in (0, 1]"),
-        ({"top_k": np.array([-1], dtype=np.int32)}, {}, "top_k must be >= 0"),
-        ({"priority": np.array([5], dtype=np.int32)}, {}, "priority must be one of"),
-        ({"slo_ms": np.array([0], dtype=np.int32)}, {}, "slo_ms must be >= 1"),
-        ({"stream": np.array([True]), "exclude_input_in_output": np.array([False])}, {}, "not allowed when streaming"),
-        ({}, {"bogus": 1}, "unknown key 'bogus' in parameters"),
-        ({"sampling_parameters": text('{"seed": -1}')}, {}, "seed must be in"),
-    ],
-)
-def test_bad_input_names_what_is_wrong(tensors, params, message):
-    with pytest.raises(InvalidInput, match=None) as info:
-        parse(tensors, params)
-    assert message in str(info.value)
+@pytest.mark.parametrize("case", [c for c in CASES if c.parsed and c.grpc], ids=lambda c: c.name)
+def test_bad_input_names_what_is_wrong(case):
+    with pytest.raises(InvalidInput) as info:
+        parse_request(case.arrays(), case.parameters, default_max_tokens=16, default_temperature=1.0)
+    assert case.message in str(info.value)
 
 
 def test_missing_prompt():

@@ -40,3 +40,33 @@ def test_text_that_only_looks_like_a_stop_word_start_is_released(tokenizer):
     ids = tokenizer("the thread then", add_special_tokens=False).input_ids
     stream = TextStream(tokenizer, stop=("three",))
     assert "".join(stream_all(stream, ids)) == "the thread then" and not stream.stopped
+
+
+def test_events_that_piled_up_become_one_output_per_request(tokenizer):
+    from bucketserve.engine.outputs import Event, OutputProcessor
+    from bucketserve.engine.request import FinishReason, Request, SamplingParams
+
+    aborted = []
+    processor = OutputProcessor(tokenizer, lambda rid, why: aborted.append((rid, why)))
+    ids = tokenizer("one two three four", add_special_tokens=False).input_ids
+    a, b = Request("a", [1], SamplingParams()), Request("b", [1], SamplingParams(stop=("three",)))
+    events = [Event(a, [i]) for i in ids[:2]] + [Event(b, [i]) for i in ids] + [Event(a, [ids[2]], FinishReason.LENGTH)]
+    out_a, out_b = processor.process(events)
+    assert out_a.token_ids == ids[:3] and out_a.finish_reason is FinishReason.LENGTH
+    assert out_a.text == tokenizer.decode(ids[:3])
+    # b's stop string ends it here: the engine is told, and what it sends for b until its final is dropped
+    assert out_b.text == "one two " and out_b.finish_reason is FinishReason.STOP and aborted == [(b.id, FinishReason.STOP)]
+    assert processor.process([Event(b, [ids[0]]), Event(b, [], FinishReason.STOP)]) == []
+
+
+def test_an_error_after_text_is_an_output_of_its_own(tokenizer):
+    """A streaming client gets the text that came before the failure, then the failure."""
+    from bucketserve.engine.outputs import Event, OutputProcessor
+    from bucketserve.engine.request import FinishReason, Request, SamplingParams
+
+    r = Request("r", [1], SamplingParams())
+    token = tokenizer("hello", add_special_tokens=False).input_ids
+    text, error = OutputProcessor(tokenizer, lambda *_: None).process(
+        [Event(r, token), Event(r, [], FinishReason.ERROR, error="boom")])
+    assert (text.text, text.finished) == ("hello", False)
+    assert (error.text, error.finish_reason, error.error) == ("", FinishReason.ERROR, "boom")
