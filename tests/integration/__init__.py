@@ -1,0 +1,1 @@
+"""Tests against a real tritonserver started through `bucketserve serve`."""

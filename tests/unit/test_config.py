@@ -1,3 +1,5 @@
+"""Engine parameters: conversion, checks, and the documented config.pbtxt kept in step with the code."""
+
 from __future__ import annotations
 
 import re

@@ -1,3 +1,5 @@
+"""The padded KV cache of the transformers executor: merge, select, split and roll back keep every row exact."""
+
 from __future__ import annotations
 
 import torch

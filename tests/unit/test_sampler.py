@@ -1,3 +1,5 @@
+"""Sampling rules: greedy, min_tokens, seeded sampling independent of batch mates."""
+
 from __future__ import annotations
 
 import torch
