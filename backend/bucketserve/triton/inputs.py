@@ -13,21 +13,13 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from bucketserve.engine.params import from_mapping, request_fields, to_bool, to_float, to_int, to_stop
+from bucketserve.engine.params import SAMPLING_KEYS, from_mapping, request_fields, to_bool, to_int, to_stop
 from bucketserve.engine.request import InvalidInput, Priority, SamplingParams
 
-# input tensor name -> (field, converter); TRT-LLM names included, so genai-perf works unchanged
+# input tensor name -> (field, converter): sampling_parameters' keys, and the TRT-LLM names genai-perf sends
 TENSOR_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
-    "max_tokens": ("max_tokens", to_int),
-    "min_tokens": ("min_tokens", to_int),
+    **{name: entry for name, entry in SAMPLING_KEYS.items() if name != "stop"},
     "min_length": ("min_tokens", to_int),
-    "temperature": ("temperature", to_float),
-    "top_k": ("top_k", to_int),
-    "top_p": ("top_p", to_float),
-    "seed": ("seed", to_int),
-    "ignore_eos": ("ignore_eos", to_bool),
-    "priority": ("priority", to_int),
-    "slo_ms": ("slo_ms", to_int),
     "stop_words": ("stop", to_stop),
 }
 
