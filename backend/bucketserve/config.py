@@ -40,15 +40,22 @@ class EngineConfig:
     `float32`, `bfloat16` or `float16`."""
     num_threads: int = 0
     """CPU threads for torch; 0 uses every core."""
+    executor: str = "auto"
+    """`auto`: our paged executor for Llama, Mistral, Qwen2 and Qwen3 checkpoints with safetensors
+    weights (the others load through transformers); `paged` (ours, or the load fails saying why); `hf`
+    (transformers, padded KV caches in decode groups)."""
+    kv_page_size: int = 16
+    """Paged executor: positions per KV page. A sequence holds whole pages, so each wastes less than one."""
     max_num_seqs: int = 64
     """Most sequences in the running (decode) set at once."""
     max_prefill_tokens: int = 8192
-    """Most padded tokens (batch size x longest prompt) in one prefill batch."""
+    """Most tokens one prefill batch computes: prompt tokens when prefill is packed (paged executor),
+    batch size x longest prompt when it is padded (hf)."""
     kv_cache_growth: int = 64
-    """Spare positions each KV slab keeps, so decode steps write in place; regrown when used up."""
+    """hf executor: spare positions each KV slab keeps, so decode steps write in place; regrown when used up."""
     max_decode_groups: int = 4
-    """Most groups the running set is split into by length, each with its own padded KV cache and
-    forward pass per decode step; 1 keeps one padded running set."""
+    """hf executor: most groups the running set is split into by length, each with its own padded KV
+    cache and forward pass per decode step; 1 keeps one padded running set."""
     max_model_len: int = 0
     """Longest prompt + output in tokens; 0 takes the model's max_position_embeddings."""
     default_max_tokens: int = 16
@@ -90,7 +97,8 @@ class EngineConfig:
     overload costs a retry instead of unbounded memory and latency; 0 means unbounded."""
 
     def __post_init__(self) -> None:
-        positive = ("max_num_seqs", "max_prefill_tokens", "kv_cache_growth", "max_decode_groups", "default_max_tokens", "cancel_poll_ms")
+        positive = ("max_num_seqs", "max_prefill_tokens", "kv_cache_growth", "max_decode_groups", "default_max_tokens",
+                    "cancel_poll_ms", "kv_page_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"parameter {name} must be >= 1, got {getattr(self, name)}")
@@ -113,6 +121,8 @@ class EngineConfig:
             raise ConfigError(f"parameter dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"parameter device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.executor not in ("auto", "paged", "hf"):
+            raise ConfigError(f"parameter executor must be auto, paged or hf, got {self.executor!r}")
         if self.scheduler_policy not in POLICIES:
             raise ConfigError(f"parameter scheduler_policy must be one of {sorted(POLICIES)}, got {self.scheduler_policy!r}")
 

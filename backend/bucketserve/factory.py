@@ -12,7 +12,7 @@ from bucketserve.config import EngineConfig
 from bucketserve.engine.engine import Engine, OnOutput
 from bucketserve.engine.scheduler import build_scheduler
 from bucketserve.engine.tokenizer import PromptTokenizer
-from bucketserve.executor.hf import HFExecutor
+from bucketserve.engine.executor import Executor
 
 Log = Callable[[str], None]
 
@@ -21,7 +21,30 @@ Log = Callable[[str], None]
 class LoadedModel:
     path: str
     tokenizer: PromptTokenizer
-    executor: HFExecutor
+    executor: Executor
+
+
+def make_executor(config: EngineConfig, model_path: str, tokenizer: object, device: str, log: Log) -> Executor:
+    """Our paged executor where it runs the checkpoint (``executor`` auto or paged), else transformers'."""
+    from transformers import AutoConfig
+
+    from bucketserve.executor.llama import unsupported
+
+    if config.executor != "hf":
+        checkpoint = AutoConfig.from_pretrained(model_path)
+        why_not = unsupported(checkpoint, model_path)
+        if why_not is None:
+            from bucketserve.executor.paged import PagedExecutor
+
+            return PagedExecutor(model_path, checkpoint, tokenizer, device, config.dtype, config.num_threads,
+                                 config.kv_page_size, log=log)
+        if config.executor == "paged":
+            raise ValueError(f"executor paged cannot run {model_path}: {why_not}")
+        log(f"the paged executor cannot run this checkpoint ({why_not}); loading it through transformers")
+    from bucketserve.executor.hf import HFExecutor
+
+    return HFExecutor(model_path, tokenizer, device, config.dtype, config.num_threads, config.kv_cache_growth,
+                      config.max_decode_groups, log=log)
 
 
 def load_model(config: EngineConfig, model_path: str, log: Log = print, device: str | None = None,
@@ -33,8 +56,7 @@ def load_model(config: EngineConfig, model_path: str, log: Log = print, device: 
     if not os.path.isfile(os.path.join(model_path, "config.json")):
         raise FileNotFoundError(f"{model_path} is not a Hugging Face model directory (no config.json)")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    executor = HFExecutor(model_path, tokenizer, device or config.device, config.dtype, config.num_threads,
-                          config.kv_cache_growth, config.max_decode_groups, log=log)
+    executor = make_executor(config, model_path, tokenizer, device or config.device, log)
     if faults:
         executor.install_faults(faults)
     return LoadedModel(model_path, PromptTokenizer(tokenizer), executor)
@@ -47,8 +69,9 @@ def build_engine(config: EngineConfig, model: LoadedModel, on_output: OnOutput, 
     executor = model.executor
     max_len = config.max_model_len or executor.max_position_embeddings
     free = executor.free_device_memory(config.max_prefill_tokens, max_len)
-    scheduler = build_scheduler(config, executor.kv_cost().bytes_per_token, free, max_len)
+    scheduler = build_scheduler(config, executor.kv_cost().bytes_per_token, free, max_len, executor.page_size)
     budget = scheduler.budget
+    executor.allocate(budget.budget_bytes)
     log(f"policy {config.scheduler_policy}; KV budget {budget.budget_bytes / 2**20:.0f} MiB "
         f"({budget.bytes_per_token} bytes per token), N_max {scheduler.n_max()} at {max_len} tokens")
     return Engine(executor, scheduler, model.tokenizer, on_output, log=log_error or log, max_queue_size=config.max_queue_size,

@@ -15,7 +15,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from bucketserve_client import loadgen, report
+from bucketserve_client import loadgen, provenance, report
 from bucketserve_client.arrivals import arrival_times
 from bucketserve_client.defaults import corpus_text, default_model_dir
 from bucketserve_client.stats import CAPACITY_ATTAINMENT, capacity, summarize
@@ -131,15 +131,6 @@ async def bench_target(target: Target, specs: list[RequestSpec], pool: list[Requ
     return result
 
 
-def _cdf_rate(targets: dict[str, dict[str, Any]], rates: list[float]) -> float | None:
-    """The highest rate every target served at >= 80% attainment (else the lowest): where CDFs compare."""
-    if not rates:
-        return None
-    good = [r for r in rates if all(any(p["rate"] == r and p["summary"]["slo_attainment"] >= CAPACITY_ATTAINMENT
-                                        for p in t["sweep"]) for t in targets.values())]
-    return max(good) if good else min(rates)
-
-
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
@@ -161,6 +152,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     urls = [t.strip() for t in args.targets.split(",") if t.strip()]
     targets = [parse_target(url) for url in urls]
     results: dict[str, Any] = {
+        "environment": provenance.machine(),
         "workload": {"name": name, "description": description, "requests": len(offline), "seed": args.seed,
                      "max_model_len": max_len},
         "classes": [asdict(c) for c in classes], "classes_text": _classes_text(classes),
@@ -172,9 +164,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         label = target.label
         while label in results["targets"]:  # the same target twice (e.g. to see run-to-run variation)
             label += "'"
-        results["targets"][label] = {"url": url, **outcome}
-    results["cdf_rate"] = _cdf_rate(results["targets"], rates)
-    return results
+        results["targets"][label] = {"url": url, "server": await target.describe(), **outcome}
+    return report.merge([results])
 
 
 def main(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bucketserve_client import provenance
 from bucketserve_client.stats import CAPACITY_ATTAINMENT
 
 PLOTS = ("slo_attainment.png", "throughput.png", "latency_cdf.png", "buckets.png")
@@ -22,7 +23,11 @@ def _share(x: float | None) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     targets = results["targets"]
-    lines = [f"Workload: {results['workload']['description']}", ""]
+    lines = [provenance.markdown(results["environment"]), ""] if "environment" in results else []
+    for label, t in targets.items():
+        if t.get("server"):
+            lines += [f"{label}: " + ", ".join(f"{k}={v}" for k, v in t["server"].items()), ""]
+    lines += [f"Workload: {results['workload']['description']}", ""]
     if any(t.get("offline") for t in targets.values()):
         lines += ["Offline (all requests at t = 0):", "",
                   "| target | output tok/s | req/s | TTFT p50 / p99 ms | TPOT p50 ms | e2e p50 / p99 ms "
@@ -53,6 +58,25 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {label} | " + " | ".join(_share(by_rate.get(r)) for r in rates) + f" | {cap_text} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several bench runs of the same workload (say, each server measured alone, in turn):
+    their targets side by side, each keeping the environment it was measured in."""
+    first = runs[0]
+    merged = {**first, "targets": {}}
+    for run in runs:
+        if (run["workload"], run["sweep"], run["classes"]) != (first["workload"], first["sweep"], first["classes"]):
+            raise ValueError("runs of different workloads, sweeps or classes cannot share a report")
+        for label, target in run["targets"].items():
+            while label in merged["targets"]:
+                label += "'"
+            merged["targets"][label] = {**target, "environment": run.get("environment")}
+    rates = first["sweep"]["rates"]
+    good = [r for r in rates if all(any(p["rate"] == r and p["summary"]["slo_attainment"] >= CAPACITY_ATTAINMENT
+                                        for p in t["sweep"]) for t in merged["targets"].values())]
+    merged["cdf_rate"] = (max(good) if good else min(rates)) if rates else None
+    return merged
 
 
 def write(results: dict[str, Any], out: Path) -> list[Path]:

@@ -34,6 +34,9 @@ class Target(Protocol):
 
     async def send(self, spec: RequestSpec) -> Reply: ...
 
+    async def describe(self) -> dict[str, Any]:
+        """What the server says it runs (model, executor, engine parameters), for the report."""
+
     async def close(self) -> None: ...
 
 
@@ -99,6 +102,24 @@ class TritonTarget:
             error = e.message()
         return clock.reply(error)
 
+    async def describe(self) -> dict[str, Any]:
+        import aiohttp
+        import tritonclient.grpc.aio as grpcaio
+
+        from bucketserve_client import scrape
+
+        client = grpcaio.InferenceServerClient(self.address)
+        try:
+            config = (await client.get_model_config(self.model, as_json=True))["config"]
+        finally:
+            await client.close()
+        described: dict[str, Any] = {k: v.get("string_value", v.get("stringValue")) for k, v in config.get("parameters", {}).items()}
+        async with aiohttp.ClientSession() as session, session.get(self.metrics_url) as r:
+            found = scrape.series(await r.text(), self.model)
+        for labels, value in found.get("bucketserve_model_info", []):
+            described.update({k: v for k, v in labels.items() if k != "model"}, parameters=int(value))
+        return described
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
@@ -162,6 +183,12 @@ class OpenAITarget:
         if usage and usage.get("completion_tokens") is not None:
             clock.tokens = int(usage["completion_tokens"])
         return clock.reply()
+
+    async def describe(self) -> dict[str, Any]:
+        session = await self._open()
+        async with session.get(f"{self.base}/models") as r:
+            listed = [m for m in (await r.json())["data"] if m["id"] == self.model]
+        return {k: v for k, v in (listed[0] if listed else {}).items() if isinstance(v, (str, int, float))}
 
     async def close(self) -> None:
         if self._session is not None:

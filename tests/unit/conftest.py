@@ -1,19 +1,25 @@
-"""The default model loaded once for the unit tests that run the engine on it."""
+"""The default model, loaded once per executor, for the unit tests that run the engine on it: every such
+test runs on our paged executor and on the transformers one."""
 
 from __future__ import annotations
 
 import pytest
 
 from bucketserve.config import EngineConfig
-from bucketserve.executor.hf import HFExecutor
+from bucketserve.engine.executor import Executor
 from bucketserve.factory import LoadedModel, load_model
 
 
-@pytest.fixture(scope="session")
-def model(model_dir) -> LoadedModel:
-    return load_model(EngineConfig(device="cpu"), str(model_dir), log=lambda _m: None)
+@pytest.fixture(scope="session", params=["paged", "hf"])
+def model(model_dir, request) -> LoadedModel:
+    return load_model(EngineConfig(device="cpu", executor=request.param), str(model_dir), log=lambda _m: None)
 
 
 @pytest.fixture(scope="session")
-def runner(model) -> HFExecutor:
+def hf_model(model_dir) -> LoadedModel:
+    return load_model(EngineConfig(device="cpu", executor="hf"), str(model_dir), log=lambda _m: None)
+
+
+@pytest.fixture(scope="session")
+def runner(model) -> Executor:
     return model.executor

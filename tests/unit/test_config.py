@@ -85,7 +85,7 @@ def test_a_kind_gpu_instance_runs_on_the_gpu_triton_assigned_it():
 def test_dtype_auto_keeps_the_checkpoint_on_the_cpu():
     import torch
 
-    from bucketserve.executor.hf import pick_dtype
+    from bucketserve.executor.device import pick_dtype
 
     assert pick_dtype("auto", torch.device("cpu")) is None
     assert pick_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16

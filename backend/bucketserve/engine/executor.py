@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
+from bucketserve.engine.memory import KVCostModel
 from bucketserve.engine.request import Request
 
 
@@ -31,11 +32,30 @@ class StepOutput:
 
 
 class Executor(Protocol):
+    page_size: int
+    """Positions per KV page (its prefill is then packed); 0: padded caches and padded prefill."""
+    num_parameters: int
+    max_position_embeddings: int
     eos_ids: frozenset[int]
     last_decode_positions: tuple[int, int]
     """(cached positions, padding positions) the last decode step attended to."""
     oom_retries: int
     """Forward passes that ran out of memory and were retried as two halves."""
+
+    def info(self) -> dict[str, str]:
+        """What runs, for logs, metrics and reports: executor, dtype, device, matmuls."""
+
+    def kv_cost(self) -> KVCostModel:
+        """What one cached position costs."""
+
+    def free_device_memory(self, max_prefill_tokens: int, max_len: int) -> int | None:
+        """Accelerator bytes free for the KV cache after the weights and a worst-case prefill; None on the CPU."""
+
+    def allocate(self, budget_bytes: int) -> None:
+        """Get the KV cache ready for a budget of ``budget_bytes`` (M_safe); forgets any running set."""
+
+    def install_faults(self, spec: str) -> None:
+        """Test-only: fail the forward passes ``spec`` names."""
 
     def prefill(self, batch: Sequence[Request]) -> StepOutput:
         """Run the batch's prompts, sample each first token, and add the rows to the running set."""

@@ -1,8 +1,13 @@
 """KV-cache memory: what a sequence costs, what the machine can give, and how many fit (N_max).
 
-The running set's KV lives in one padded cache whose rows are all as long as the longest, plus
-the spare room each slab keeps (``kv_cache_growth``). So the cache of a set of sequences, until its
-last one finishes, is at most ``rows x (longest prompt + max_tokens + spare) x bytes per token``.
+Two cache layouts, one per kind of executor:
+
+- padded (the transformers executor): the running set shares caches whose rows are all as long as the
+  longest plus the spare room each slab keeps (``kv_cache_growth``), so a set of sequences needs at most
+  ``rows x (longest prompt + max_tokens + spare) x bytes per token``;
+- paged (our Llama-family executor): each sequence holds pages of ``page_size`` positions, so it needs
+  ``ceil((prompt + max_tokens) / page_size)`` pages whoever else runs.
+
 Admission checks that bound for the running set plus a candidate batch before the batch is
 prefilled: admission, not luck, keeps the cache inside the budget.
 """
@@ -43,28 +48,57 @@ def final_length(request: Request) -> int:
 
 
 @dataclass(frozen=True)
+class Usage:
+    """What a set of sequences reserves: enough to price it under either layout."""
+
+    rows: int = 0
+    longest: int = 0
+    """Positions of the longest sequence (prompt + max_tokens)."""
+    paged_positions: int = 0
+    """Positions of all sequences, each rounded up to whole pages."""
+
+
+@dataclass(frozen=True)
 class KVBudget:
     bytes_per_token: int
     budget_bytes: int
     """M_safe: the most bytes the running set's KV may hold."""
     spare: int = 0
-    """Positions each slab keeps beyond its filled length (``kv_cache_growth``)."""
+    """Padded layout: positions each slab keeps beyond its filled length (``kv_cache_growth``)."""
+    page_size: int = 0
+    """Paged layout: positions per page; 0 means the padded layout."""
 
-    def footprint(self, rows: int, longest: int) -> int:
-        """Bytes of a padded cache of ``rows`` rows whose longest row reaches ``longest`` positions."""
-        return 0 if rows == 0 else rows * (longest + self.spare) * self.bytes_per_token
+    def positions(self, length: int) -> int:
+        """Positions one sequence of ``length`` occupies on its own: whole pages, or its length plus spare."""
+        if self.page_size:
+            return -(-length // self.page_size) * self.page_size
+        return length + self.spare
+
+    def plus(self, usage: Usage, request: Request) -> Usage:
+        n = final_length(request)
+        return Usage(usage.rows + 1, max(usage.longest, n), usage.paged_positions + self.positions(n))
+
+    def usage(self, requests: Iterable[Request]) -> Usage:
+        usage = Usage()
+        for request in requests:
+            usage = self.plus(usage, request)
+        return usage
+
+    def bytes_of(self, usage: Usage) -> int:
+        """The most bytes these sequences' cache can reach before the first of them finishes."""
+        if self.page_size:
+            return usage.paged_positions * self.bytes_per_token
+        return 0 if usage.rows == 0 else usage.rows * (usage.longest + self.spare) * self.bytes_per_token
 
     def reserved(self, requests: Iterable[Request]) -> int:
-        """The most bytes these sequences' shared cache can reach before the first of them finishes."""
-        lengths = [final_length(r) for r in requests]
-        return self.footprint(len(lengths), max(lengths, default=0))
+        return self.bytes_of(self.usage(requests))
 
     def fits(self, requests: Iterable[Request]) -> bool:
         return self.reserved(requests) <= self.budget_bytes
 
     def seqs_that_fit(self, longest: int) -> int:
         """How many sequences reaching ``longest`` positions the budget holds (the memory side of N_max)."""
-        return max(0, self.budget_bytes // ((longest + self.spare) * self.bytes_per_token))
+        return max(0, self.budget_bytes // (self.positions(longest) * self.bytes_per_token))
 
 
 def available_ram() -> int:

@@ -42,7 +42,9 @@ class Snapshot:
     kv_budget_bytes: int = 0
     last_batch_size: int = 0
     prefill_padding: float = 0.0
-    """Padding share of the last prefill batch: sum(max_len - len_i) / (batch x max_len)."""
+    """Padding share of the last prefill batch: sum(max_len - len_i) / (batch x max_len); 0 when packed."""
+    prefill_packed: bool = False
+    """Whether prefill runs packed (paged executor) rather than padded (hf executor)."""
     decode_padding: float = 0.0
     """Padding share of the running set's KV at the last decode step."""
     prefill_tokens: int = 0
@@ -113,12 +115,12 @@ class Monitor:
                 self._arrival_times.popleft()
             self._update(arrival_rate=len(self._arrival_times) / ARRIVAL_WINDOW_S)
 
-    def on_prefill(self, lengths: list[int]) -> None:
-        """A prefill batch of prompts with these lengths, left-padded to the longest."""
-        padded = len(lengths) * max(lengths)
+    def on_prefill(self, lengths: list[int], packed: bool) -> None:
+        """A prefill batch of prompts with these lengths: packed back to back, or left-padded to the longest."""
+        padded = sum(lengths) if packed else len(lengths) * max(lengths)
         with self._lock:
             s = self._snap
-            self._update(last_batch_size=len(lengths), prefill_padding=1 - sum(lengths) / padded,
+            self._update(last_batch_size=len(lengths), prefill_padding=1 - sum(lengths) / padded, prefill_packed=packed,
                          prefill_tokens=s.prefill_tokens + padded,
                          prefill_padded_tokens=s.prefill_padded_tokens + padded - sum(lengths),
                          prefill_batches=s.prefill_batches + 1)

@@ -1,8 +1,8 @@
 """Admission policies: which waiting requests form the next prefill batch.
 
 The scheduler asks its policy once per engine step. Every policy takes requests in its own order
-while they fit the step's limits: free slots in the running set, padded prefill tokens, and the
-KV budget (the running set plus the batch, each sequence reserved at prompt + max_tokens). It stops
+while they fit the step's limits: free slots in the running set, prefill tokens, and the
+KV budget (the running set plus the batch, each sequence reserved at prompt + max_tokens; see memory.py). It stops
 at the first request that does not fit, so nobody is overtaken by a smaller request behind it.
 
 - ``fcfs_static``: Triton's dynamic batcher on a padded model: arrival order, one batch runs to
@@ -31,14 +31,12 @@ class StepContext:
     budget: KVBudget
     max_num_seqs: int = 1 << 30
     """Most sequences in the running set: no batch is larger, whatever memory allows."""
+    packed: bool = False
+    """Prefill runs packed (its cost is the prompts' tokens), not padded (batch size x longest prompt)."""
 
 
 class AdmissionPolicy(Protocol):
     def select(self, waiting: Sequence[Request], ctx: StepContext) -> list[Request]: ...
-
-
-def padded_tokens(batch: Sequence[Request]) -> int:
-    return len(batch) * max((r.prompt_len for r in batch), default=0)
 
 
 def fill(candidates: Sequence[Request], ctx: StepContext, limit: int | None = None) -> list[Request]:
@@ -47,21 +45,21 @@ def fill(candidates: Sequence[Request], ctx: StepContext, limit: int | None = No
     A lone request longer than ``max_prefill_tokens`` still runs (alone), or it would wait forever.
     """
     limit = ctx.free_slots if limit is None else min(limit, ctx.free_slots)
-    rows = len(ctx.running)
-    longest = max((final_length(r) for r in ctx.running), default=0)
+    usage = ctx.budget.usage(ctx.running)
     batch: list[Request] = []
-    widest = 0
+    widest = tokens = 0
     for request in candidates:
         if len(batch) >= limit:
             break
-        widest_next = max(widest, request.prompt_len)
-        if batch and (len(batch) + 1) * widest_next > ctx.max_prefill_tokens:
+        widest_next, tokens_next = max(widest, request.prompt_len), tokens + request.prompt_len
+        cost = tokens_next if ctx.packed else (len(batch) + 1) * widest_next
+        if batch and cost > ctx.max_prefill_tokens:
             break
-        longest_next = max(longest, final_length(request))
-        if ctx.budget.footprint(rows + len(batch) + 1, longest_next) > ctx.budget.budget_bytes:
+        usage_next = ctx.budget.plus(usage, request)
+        if ctx.budget.bytes_of(usage_next) > ctx.budget.budget_bytes:
             break
         batch.append(request)
-        widest, longest = widest_next, longest_next
+        widest, tokens, usage = widest_next, tokens_next, usage_next
     return batch
 
 

@@ -26,10 +26,12 @@ def make_policy(config: EngineConfig, max_len: int) -> AdmissionPolicy:
     return BucketPolicy(max_len, rules, ordering, config.max_queue_delay_ms)
 
 
-def build_scheduler(config: EngineConfig, bytes_per_token: int, device_free: int | None, max_len: int) -> "Scheduler":
-    """The scheduler a config describes: its policy and its KV budget (M_safe)."""
+def build_scheduler(config: EngineConfig, bytes_per_token: int, device_free: int | None, max_len: int,
+                    page_size: int = 0) -> "Scheduler":
+    """The scheduler a config describes: its policy and its KV budget (M_safe). ``page_size`` > 0: the
+    executor keeps KV in pages of that many positions and prefills packed; 0: padded caches and batches."""
     budget_bytes = safe_budget(config.kv_safety, config.kv_cache_bytes, config.kv_cache_memory_fraction, device_free)
-    budget = KVBudget(bytes_per_token, budget_bytes, config.kv_cache_growth)
+    budget = KVBudget(bytes_per_token, budget_bytes, 0 if page_size else config.kv_cache_growth, page_size)
     return Scheduler(make_policy(config, max_len), budget, config.max_prefill_tokens, max_len, config.max_num_seqs)
 
 
@@ -82,7 +84,7 @@ class Scheduler:
             return []
         start = time.perf_counter()
         ctx = StepContext(time.monotonic() if now is None else now, self.running, free, self.max_prefill_tokens,
-                          self.budget, self.max_num_seqs)
+                          self.budget, self.max_num_seqs, packed=bool(self.budget.page_size))
         batch = self.policy.select(self.waiting, ctx)
         self.last_select_s = time.perf_counter() - start
         if not batch:

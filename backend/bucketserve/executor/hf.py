@@ -13,12 +13,10 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from bucketserve.engine.executor import StepOutput
 from bucketserve.engine.memory import KVCostModel
 from bucketserve.engine.request import Request
-from bucketserve.executor.faults import FaultPlan
+from bucketserve.executor.base import ExecutorBase, eos_ids_of
+from bucketserve.executor.device import pick_device, pick_dtype
 from bucketserve.executor.padded_kv import PaddedKVCache
 from bucketserve.executor.sampler import Sampler
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass
 class DecodeGroup:
@@ -42,24 +40,7 @@ def merged_padding(a: DecodeGroup, b: DecodeGroup) -> int:
     return rows * max(a.kv.length, b.kv.length) - len(a.rows) * a.kv.length - len(b.rows) * b.kv.length
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bfloat16 on a GPU that has it (float16 on older ones); on the CPU the checkpoint's own
-    dtype (None), whose greedy tokens match transformers' reference exactly. bfloat16 on a CPU with
-    native support measured faster here (README, Deployment) and is one parameter away."""
-    if name != "auto":
-        return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
-
-
-class HFExecutor:
+class HFExecutor(ExecutorBase):
     """Owns the model and the running set's KV caches.
 
     The running set is split into at most ``max_decode_groups`` groups of similar length, each with
@@ -72,37 +53,36 @@ class HFExecutor:
     def __init__(self, model_path: str, tokenizer: Any, device: str = "auto", dtype: str = "auto", num_threads: int = 0,
                  kv_cache_growth: int = 64, max_decode_groups: int = 4, log: Callable[[str], None] = print):
         torch.set_num_threads(num_threads or os.cpu_count() or 1)
-        self.device = pick_device(device)
+        super().__init__(pick_device(device))
         self.kv_cache_growth = kv_cache_growth
         chosen = pick_dtype(dtype, self.device)
         kwargs = {} if chosen is None else {"dtype": chosen}
         self.model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs).to(self.device).eval()
         config = self.model.config
-        eos = self.model.generation_config.eos_token_id
-        eos = eos if eos is not None else tokenizer.eos_token_id
-        self.eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.eos_ids = eos_ids_of(self.model.generation_config.eos_token_id, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else min(self.eos_ids, default=0)
         self.max_position_embeddings = int(getattr(config, "max_position_embeddings", 2048))
         self.sampler = Sampler(self.device, self.eos_ids)
         self.max_decode_groups = max_decode_groups
         self.groups: list[DecodeGroup] = []
-        self.last_decode_positions = (0, 0)
-        """(cached positions, padding positions) the last decode step attended to."""
-        self.oom_retries = 0
-        """Forward passes that ran out of memory and were retried as two halves."""
-        self.fault_hook: Callable[[str, Sequence[Request]], None] | None = None
-        """Test-only (see faults.py): called before each forward with its stage and rows."""
-        n_params = sum(p.numel() for p in self.model.parameters())
+        self.num_parameters = n_params = sum(p.numel() for p in self.model.parameters())
         weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.group_cost_positions = weight_bytes // self.kv_cost().bytes_per_token
         """One more forward per step reads the weights: as many bytes as this many cached positions."""
         log(f"loaded {config.model_type} ({n_params / 1e6:.1f}M parameters, {self.model.dtype}) "
             f"on {self.device} with {torch.get_num_threads()} threads")
 
-    def install_faults(self, spec: str) -> None:
-        """Test-only: fail the forward passes ``spec`` names (see faults.py)."""
-        self.fault_hook = FaultPlan.parse(spec, oom_error=torch.OutOfMemoryError)
+    page_size = 0
+    """Padded caches, padded prefill."""
+
+    def info(self) -> dict[str, str]:
+        return {"executor": "hf", "dtype": str(self.model.dtype).removeprefix("torch."), "device": str(self.device),
+                "matmuls": "torch", "max_decode_groups": str(self.max_decode_groups)}
+
+    def allocate(self, budget_bytes: int) -> None:
+        """Padded caches grow and shrink with the running set; admission keeps them inside the budget."""
+        self.reset()
 
     def kv_cost(self) -> KVCostModel:
         return KVCostModel.from_model_config(self.model.config, self.model.dtype.itemsize)
@@ -131,27 +111,12 @@ class HFExecutor:
         forward that fails (out of memory, or any error) is retried in halves down to single rows, so
         only the rows that fail alone come back in ``failed``."""
         out = StepOutput()
-        self._prefill(list(batch), out)
+        self._in_halves("prefill", list(batch), self._prefill_forward, lambda _rows: None, out)
         return out
 
-    def _prefill(self, batch: list[Request], out: StepOutput) -> None:
-        try:
-            self._inject("prefill", batch)
-            tokens, group = self._prefill_forward(batch)
-        except Exception as e:  # nothing was added to the running set yet
-            if len(batch) == 1:
-                out.fail(batch, e)
-                return
-            self._before_retry(e)
-            half = len(batch) // 2
-            self._prefill(batch[:half], out)
-            self._prefill(batch[half:], out)
-            return
-        self._place(group)
-        out.add(batch, tokens)
-
-    def _prefill_forward(self, batch: list[Request]) -> tuple[list[int], DecodeGroup]:
-        """Left-pad the prompts into one batch and run it."""
+    def _prefill_forward(self, batch: list[Request]) -> list[int]:
+        """Left-pad the prompts into one batch, run it, and place its rows in a decode group (only once
+        the forward has succeeded: a failed one added nothing to the running set)."""
         length = max(r.prompt_len for r in batch)
         ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(batch), length), dtype=torch.long)
@@ -163,17 +128,8 @@ class HFExecutor:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
         tokens = self.sampler(out.logits[:, -1, :], batch)
-        return tokens, DecodeGroup(PaddedKVCache(out.past_key_values, mask, self.kv_cache_growth), batch)
-
-    def _inject(self, stage: str, rows: Sequence[Request]) -> None:
-        if self.fault_hook is not None:
-            self.fault_hook(stage, rows)
-
-    def _before_retry(self, error: Exception) -> None:
-        if isinstance(error, torch.OutOfMemoryError):
-            self.oom_retries += 1
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        self._place(DecodeGroup(PaddedKVCache(out.past_key_values, mask, self.kv_cache_growth), batch))
+        return tokens
 
     def _place(self, new: DecodeGroup) -> None:
         """Put newly prefilled rows where they cost least (see the class docstring)."""

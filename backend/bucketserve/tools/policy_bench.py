@@ -27,7 +27,7 @@ from bucketserve.engine.outputs import RequestOutput
 from bucketserve.engine.policy import POLICIES
 from bucketserve.engine.request import Priority, SamplingParams
 from bucketserve.factory import LoadedModel, build_engine, load_model
-from bucketserve_client import workload
+from bucketserve_client import provenance, workload
 from bucketserve_client.defaults import corpus, default_model_dir
 
 
@@ -148,7 +148,13 @@ def main(args: argparse.Namespace) -> int:
     print("[bench-policies] warm-up", file=sys.stderr)
     run_policy(model, replace(base, scheduler_policy="continuous"), jobs[:4])  # first forwards pay one-off costs
     results = [run_policy(model, replace(base, scheduler_policy=policy), jobs) for policy in args.policies.split(",")]
+    environment = {**provenance.machine(), "model": {"path": model.path, "parameters": model.executor.num_parameters,
+                                                     **model.executor.info()},
+                   "engine": {k: v for k, v in asdict(base).items() if k != "scheduler_policy"}}
+    print(provenance.markdown({k: v for k, v in environment.items() if k != "engine"}))
     print(table(results))
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+        args.json.write_text(json.dumps({"environment": environment, "workload": {
+            "name": "mixed", "requests": len(jobs), "long_share": args.long_share, "seed": args.seed},
+            "results": [asdict(r) for r in results]}, indent=2))
     return 0

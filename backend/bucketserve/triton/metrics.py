@@ -26,6 +26,8 @@ GAUGES: dict[str, tuple[str, Callable[[Snapshot], float]]] = {
                                           lambda s: s.kv_budget_bytes),
     "bucketserve_prefill_batch_size": ("Requests in the last prefill batch", lambda s: s.last_batch_size),
     "bucketserve_prefill_padding_ratio": ("Padding share of the last prefill batch", lambda s: s.prefill_padding),
+    "bucketserve_prefill_packed": ("1 when prefill runs packed (paged executor), 0 when padded (hf executor)",
+                                   lambda s: s.prefill_packed),
     "bucketserve_decode_padding_ratio": ("Padding share of the KV the last decode step read", lambda s: s.decode_padding),
     "bucketserve_arrival_rate": ("Requests per second arriving, over the last 10 s", lambda s: s.arrival_rate),
     "bucketserve_bucketing_time_share": ("Share of engine step time spent choosing batches (bucketing included)",
@@ -68,7 +70,9 @@ BUCKET_GAUGES: dict[str, tuple[str, Callable[[Any], float]]] = {
 
 
 class EngineMetrics:
-    def __init__(self, model: str):
+    def __init__(self, model: str, info: dict[str, str], parameters: int):
+        """``info``: what the model runs on (executor, dtype, checkpoint), as the labels of
+        ``bucketserve_model_info``, whose value is the checkpoint's parameter count."""
         self.labels = {"model": model}
         gauge, counter, histogram = (pb_utils.MetricFamily.GAUGE, pb_utils.MetricFamily.COUNTER,
                                      pb_utils.MetricFamily.HISTOGRAM)
@@ -88,6 +92,11 @@ class EngineMetrics:
         self._counted = dict.fromkeys(COUNTERS, 0.0)
         self._histograms = {key: self._families[name].Metric(labels=self.labels, buckets=bounds)
                             for key, (name, _, bounds) in HISTOGRAMS.items()}
+        self._families["bucketserve_model_info"] = pb_utils.MetricFamily(
+            name="bucketserve_model_info", kind=gauge,
+            description="Parameters of the loaded checkpoint; labels: executor, dtype, checkpoint path")
+        self._info = self._families["bucketserve_model_info"].Metric(labels={**self.labels, **info})
+        self._info.set(float(parameters))
         self._buckets: list[dict[str, Any]] = []
 
     def update(self, monitor: Monitor) -> None:

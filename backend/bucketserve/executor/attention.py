@@ -1,0 +1,97 @@
+"""Attention without padding: packed prefill, and decode over each row's own pages.
+
+Prefill: the batch's prompts are packed one after another (no padding); each sequence runs one causal
+SDPA over its own queries, keys and values.
+
+Decode: every row has one query and a different number of cached positions, in pages of the pool.
+The step gathers each row's pages (``DecodeLayout``, built once per step and shared by every layer),
+scores each page against its row's query in one batched matmul, and combines the pages of a row with
+a segmented softmax: each page's max, sum and weighted values are laid out ``[rows, most pages]`` (a
+page's worth of numbers per page, so that padding is tiny) and reduced per row. Nothing is read for
+positions a row does not have, except the unfilled tail of its last page, which is masked and counted
+as padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], scale: float) -> torch.Tensor:
+    """``q`` ``[tokens, heads, dim]``, ``k``/``v`` ``[tokens, kv_heads, dim]`` of sequences packed back to back;
+    returns ``[tokens, heads, dim]``, each sequence attending causally to itself only."""
+    out = torch.empty_like(q)
+    gqa = q.shape[1] != k.shape[1]
+    start = 0
+    for n in lengths:
+        end = start + n
+        # a batch dimension of 1: with 3-d inputs torch takes its slow math path instead of flash attention
+        qs, ks, vs = (t[None, start:end].transpose(1, 2) for t in (q, k, v))
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                                        enable_gqa=gqa)[0].transpose(0, 1)
+        start = end
+    return out
+
+
+@dataclass
+class DecodeLayout:
+    """Which pages each decode row reads, built once per step."""
+
+    pages: torch.Tensor
+    """``[P]``: the pages of every row, row after row."""
+    row_of_page: torch.Tensor
+    """``[P]``: the row each page belongs to."""
+    valid: torch.Tensor
+    """``[P, page_size]``: which slots of each page hold a position of its row."""
+    slot: torch.Tensor
+    """``[P]``: where each page's statistics go in a ``[rows x most_pages]`` layout (row-major)."""
+    most_pages: int
+    rows: int
+    real_positions: int
+    read_positions: int
+
+    @classmethod
+    def build(cls, tables: list[tuple[list[int], int]], page_size: int, device: torch.device) -> "DecodeLayout":
+        """``tables``: each row's (pages, length), the length counting the token written this step."""
+        pages, owners, fill, slot = [], [], [], []
+        most = max(-(-length // page_size) for _, length in tables)
+        for row, (row_pages, length) in enumerate(tables):
+            used = -(-length // page_size)
+            pages += row_pages[:used]
+            owners += [row] * used
+            fill += [page_size] * (used - 1) + [length - (used - 1) * page_size]
+            slot += range(row * most, row * most + used)
+        valid = torch.arange(page_size)[None, :] < torch.tensor(fill)[:, None]
+        real = sum(length for _, length in tables)
+        return cls(torch.tensor(pages, device=device), torch.tensor(owners, device=device), valid.to(device),
+                   torch.tensor(slot, device=device), most, len(tables), real, len(pages) * page_size)
+
+    def per_row(self, per_page: torch.Tensor, fill: float, reduce: str) -> torch.Tensor:
+        """Reduce ``[P, ...]`` page statistics to ``[rows, ...]`` (``amax`` or ``sum``) in a fixed order."""
+        laid = per_page.new_full((self.rows * self.most_pages, *per_page.shape[1:]), fill)
+        laid.index_copy_(0, self.slot, per_page)
+        laid = laid.view(self.rows, self.most_pages, *per_page.shape[1:])
+        return laid.amax(dim=1) if reduce == "amax" else laid.sum(dim=1)
+
+
+def decode_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor, layout: DecodeLayout,
+                     scale: float) -> torch.Tensor:
+    """``q`` ``[rows, heads, dim]`` against each row's pages of ``key_pool``/``value_pool``
+    ``[pages, kv_heads, page_size, dim]``; returns ``[rows, heads, dim]``."""
+    rows, heads, dim = q.shape
+    kv_heads = key_pool.shape[1]
+    group = heads // kv_heads
+    keys = key_pool.index_select(0, layout.pages)  # [P, kv_heads, page, dim]
+    values = value_pool.index_select(0, layout.pages)
+    queries = q.view(rows, kv_heads, group, dim).index_select(0, layout.row_of_page)  # [P, kv_heads, group, dim]
+    scores = torch.matmul(queries, keys.transpose(-1, -2)).float() * scale  # [P, kv_heads, group, page]
+    scores.masked_fill_(~layout.valid[:, None, None, :], float("-inf"))
+    row_max = layout.per_row(scores.amax(dim=-1), float("-inf"), "amax")  # [rows, kv_heads, group]
+    weights = torch.exp(scores - row_max.index_select(0, layout.row_of_page)[..., None])
+    row_sum = layout.per_row(weights.sum(dim=-1), 0.0, "sum")
+    partial = torch.matmul(weights.to(values.dtype), values)  # [P, kv_heads, group, dim]
+    out = layout.per_row(partial, 0.0, "sum")
+    return (out / row_sum[..., None].to(out.dtype)).view(rows, heads, dim).to(q.dtype)

@@ -1,0 +1,189 @@
+"""The paged executor: our Llama-family forward over a paged KV pool, with packed prefill and decode
+attention over each row's own pages (no padded batch anywhere).
+
+A prefill batch runs as one packed forward; its rows join the running set by taking pool pages, and a
+finished row leaves by giving its pages back: nothing is copied. A forward that fails leaves the pool
+as it was (a failed prefill frees the pages it took; a failed decode step advances no row), so the
+retry in halves sees the same state the failed forward did.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import torch
+
+from bucketserve.engine.executor import StepOutput
+from bucketserve.engine.memory import KVCostModel
+from bucketserve.engine.request import Request
+from bucketserve.executor.attention import DecodeLayout, decode_attention, prefill_attention
+from bucketserve.executor.base import ExecutorBase, eos_ids_of
+from bucketserve.executor.device import pick_device, pick_dtype
+from bucketserve.executor.kv_cache import PagedKVPool
+from bucketserve.executor.linear import onednn_works
+from bucketserve.executor.llama import LlamaModel
+from bucketserve.executor.sampler import Sampler
+
+
+class PagedExecutor(ExecutorBase):
+    def __init__(self, model_path: str, config: Any, tokenizer: Any, device: str = "auto", dtype: str = "auto",
+                 num_threads: int = 0, page_size: int = 16, log: Callable[[str], None] = print):
+        from transformers import GenerationConfig
+
+        torch.set_num_threads(num_threads or os.cpu_count() or 1)
+        super().__init__(pick_device(device))
+        chosen = pick_dtype(dtype, self.device) or getattr(config, "dtype", None) or torch.float32
+        chosen = getattr(torch, chosen) if isinstance(chosen, str) else chosen
+        self.onednn = onednn_works(self.device, chosen)
+        self.model = LlamaModel(model_path, config, self.device, chosen, self.onednn)
+        try:
+            generation_eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+        except OSError:
+            generation_eos = getattr(config, "eos_token_id", None)
+        self.eos_ids = eos_ids_of(generation_eos, tokenizer)
+        self.max_position_embeddings = int(getattr(config, "max_position_embeddings", 2048))
+        self.page_size = page_size
+        self.sampler = Sampler(self.device, self.eos_ids)
+        self.pool: PagedKVPool | None = None
+        self.rows: list[Request] = []
+        """The running set, in the order ``decode`` returns tokens."""
+        matmuls = "oneDNN prepacked" if self.onednn else "F.linear"
+        log(f"loaded {config.model_type} ({self.model.num_parameters / 1e6:.1f}M parameters, {chosen}) on "
+            f"{self.device} with {torch.get_num_threads()} threads: paged executor (pages of {page_size}, "
+            f"{matmuls} matmuls)")
+
+    @property
+    def num_parameters(self) -> int:
+        return self.model.num_parameters
+
+    def info(self) -> dict[str, str]:
+        return {"executor": "paged", "dtype": str(self.model.dtype).removeprefix("torch."), "device": str(self.device),
+                "matmuls": "onednn" if self.onednn else "torch", "kv_page_size": str(self.page_size)}
+
+    def kv_cost(self) -> KVCostModel:
+        m = self.model
+        return KVCostModel(len(m.layers), m.kv_heads, m.head_dim, m.dtype.itemsize)
+
+    def allocate(self, budget_bytes: int) -> None:
+        """Size the pool to the KV budget (M_safe): admission never reserves more pages than it has."""
+        per_page = self.kv_cost().bytes_per_token * self.page_size
+        m = self.model
+        self.reset()
+        self.pool = PagedKVPool(len(m.layers), m.kv_heads, m.head_dim, self.page_size,
+                                max(1, budget_bytes // per_page), m.dtype, self.device)
+
+    @torch.inference_mode()
+    def free_device_memory(self, max_prefill_tokens: int, max_len: int) -> int | None:
+        """CUDA: bytes free once the weights are loaded, less the activation peak of a worst-case packed
+        prefill of ``max_prefill_tokens`` tokens. None on the CPU."""
+        if self.device.type != "cuda":
+            return None
+        n = min(max_len, max_prefill_tokens)
+        torch.cuda.synchronize(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        ids = torch.zeros(max_prefill_tokens, dtype=torch.long, device=self.device)
+        positions = torch.arange(max_prefill_tokens, device=self.device) % n
+        lengths = [n] * (max_prefill_tokens // n) + ([max_prefill_tokens % n] if max_prefill_tokens % n else [])
+        scale = self.model.scale
+        hidden = self.model.forward(ids, positions, lambda _i, q, k, v: prefill_attention(q, k, v, lengths, scale))
+        self.model.logits(hidden[-len(lengths):])
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        torch.cuda.empty_cache()
+        return max(0, torch.cuda.mem_get_info(self.device)[0] - peak)
+
+    @torch.inference_mode()
+    def prefill(self, batch: Sequence[Request]) -> StepOutput:
+        """Run the batch's prompts packed, sample each first token, and add the rows to the running set."""
+        out = StepOutput()
+        self._in_halves("prefill", list(batch), self._prefill_forward, self._free, out)
+        return out
+
+    def _prefill_forward(self, batch: list[Request]) -> list[int]:
+        assert self.pool is not None, "allocate() the pool first"
+        pool, dev = self.pool, self.device
+        lengths = [r.prompt_len for r in batch]
+        pages: list[int] = []
+        offsets: list[int] = []
+        for request in batch:
+            pool.reserve(request.id, request.prompt_len)
+            p, o = pool.slots(request.id, 0, request.prompt_len)
+            pages += p
+            offsets += o
+        ids = torch.tensor([t for r in batch for t in r.prompt_ids], device=dev)
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(dev)
+        slots = pool.slot_index(pages, offsets)
+        scale = self.model.scale
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            pool.write(layer, slots, k, v)
+            return prefill_attention(q, k, v, lengths, scale)
+
+        hidden = self.model.forward(ids, positions, attend)
+        last = torch.tensor(lengths, device=dev).cumsum(0) - 1
+        tokens = self.sampler(self.model.logits(hidden.index_select(0, last)), batch)
+        for request in batch:
+            pool.tables[request.id].length = request.prompt_len
+        self.rows += batch
+        return tokens
+
+    @torch.inference_mode()
+    def decode(self) -> StepOutput:
+        """One token for every running row. A forward that fails is retried in halves down to single rows:
+        rows that fail alone leave the running set and come back in ``failed``; every other row goes on."""
+        assert self.pool is not None and self.rows
+        out = StepOutput()
+        self.last_decode_positions = (0, 0)
+        self._in_halves("decode", list(self.rows), self._decode_forward, lambda _rows: None, out)
+        if out.failed:
+            self.drop({r.id for r, _ in out.failed})
+        return out
+
+    def _decode_forward(self, rows: list[Request]) -> list[int]:
+        pool, dev, size = self.pool, self.device, self.page_size
+        assert pool is not None
+        tables = []
+        for request in rows:
+            table = pool.reserve(request.id, pool.tables[request.id].length + 1)
+            tables.append((table.pages, table.length + 1))
+        layout = DecodeLayout.build(tables, size, dev)
+        slots = pool.slot_index([pages[(n - 1) // size] for pages, n in tables], [(n - 1) % size for _, n in tables])
+        ids = torch.tensor([r.output_ids[-1] for r in rows], device=dev)
+        positions = torch.tensor([n - 1 for _, n in tables], device=dev)
+        scale = self.model.scale
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            pool.write(layer, slots, k, v)
+            return decode_attention(q, pool.keys[layer], pool.values[layer], layout, scale)
+
+        tokens = self.sampler(self.model.logits(self.model.forward(ids, positions, attend)), rows)
+        for request in rows:  # only now: a failed forward advanced no row
+            pool.tables[request.id].length += 1
+        done, padded = self.last_decode_positions
+        self.last_decode_positions = (done + layout.read_positions, padded + layout.read_positions - layout.real_positions)
+        return tokens
+
+    def _free(self, rows: list[Request]) -> None:
+        if self.pool is not None:
+            for request in rows:
+                self.pool.free(request.id)
+
+    def drop(self, ids: set[int]) -> None:
+        """Finished or aborted sequences leave; their pages go back to the pool."""
+        leaving = [r for r in self.rows if r.id in ids]
+        self._free(leaving)
+        for request in leaving:
+            self.sampler.forget(request.id)
+        self.rows = [r for r in self.rows if r.id not in ids]
+
+    def reset(self) -> None:
+        """Forget the whole running set (after a failed step)."""
+        for request in self.rows:
+            self.sampler.forget(request.id)
+        if self.pool is not None:
+            self.pool.free_all()
+        self.rows = []
+
+    def kv_bytes(self) -> int:
+        return 0 if self.pool is None else self.pool.nbytes()

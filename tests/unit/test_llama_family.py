@@ -1,0 +1,74 @@
+"""Our paged executor on every architecture it claims: seeded random checkpoints of Llama (with Llama 3
+rope scaling, tied embeddings), Mistral (grouped-query attention), Qwen2 (qkv bias) and Qwen3 (q/k norm),
+saved and loaded like a user's; greedy tokens must equal transformers' ``generate()`` on each prompt alone."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from bucketserve import LLM, SamplingParams
+
+SHAPE = dict(vocab_size=32_000, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=512)
+PROMPTS = ["Hello", "def add(a, b):\n    return a + b\n" * 6, "The quick brown fox jumps over the lazy dog. " * 3]
+
+
+def llama3(**kw):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**SHAPE, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500_000.0,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64}, **kw)
+
+
+def mistral(**kw):
+    from transformers import MistralConfig
+
+    return MistralConfig(**SHAPE, num_key_value_heads=1, sliding_window=None, **kw)
+
+
+def qwen2(**kw):
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**SHAPE, num_key_value_heads=2, **kw)
+
+
+def qwen3(**kw):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**SHAPE, num_key_value_heads=2, head_dim=32, **kw)
+
+
+@pytest.fixture(scope="module", params=[llama3, mistral, qwen2, qwen3], ids=lambda f: f.__name__)
+def checkpoint(request, model_dir, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = request.param(bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if config.model_type == "qwen2":  # random init leaves the biases zero: make them count
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp(config.model_type)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (model_dir / name).is_file():
+            shutil.copy(model_dir / name, out / name)
+    return out, model
+
+
+def test_greedy_tokens_equal_generate(checkpoint):
+    path, reference = checkpoint
+    with LLM(str(path), device="cpu", executor="paged") as llm:
+        outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
+        for out in outs:
+            ids = torch.tensor([llm.tokenizer(out.prompt).input_ids])
+            with torch.inference_mode():
+                expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                              do_sample=False)[0, ids.shape[1]:].tolist()
+            assert out.token_ids == expected, (reference.config.model_type, out.prompt[:20])
