@@ -46,6 +46,9 @@ class EngineConfig:
     (transformers, padded KV caches in decode groups)."""
     kv_page_size: int = 16
     """Paged executor: positions per KV page. A sequence holds whole pages, so each wastes less than one."""
+    attention_kernel: str = "auto"
+    """Paged executor's decode attention: `auto` (on the CPU our C++ kernel, built on first use, else torch
+    ops), `cpp` (the kernel, or the load fails), `torch` (torch ops everywhere)."""
     max_num_seqs: int = 64
     """Most sequences in the running (decode) set at once."""
     max_prefill_tokens: int = 8192
@@ -121,6 +124,8 @@ class EngineConfig:
             raise ConfigError(f"parameter dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"parameter device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.attention_kernel not in ("auto", "cpp", "torch"):
+            raise ConfigError(f"parameter attention_kernel must be auto, cpp or torch, got {self.attention_kernel!r}")
         if self.executor not in ("auto", "paged", "hf"):
             raise ConfigError(f"parameter executor must be auto, paged or hf, got {self.executor!r}")
         if self.scheduler_policy not in POLICIES:

@@ -37,7 +37,7 @@ def make_executor(config: EngineConfig, model_path: str, tokenizer: object, devi
             from bucketserve.executor.paged import PagedExecutor
 
             return PagedExecutor(model_path, checkpoint, tokenizer, device, config.dtype, config.num_threads,
-                                 config.kv_page_size, log=log)
+                                 config.kv_page_size, config.attention_kernel, log=log)
         if config.executor == "paged":
             raise ValueError(f"executor paged cannot run {model_path}: {why_not}")
         log(f"the paged executor cannot run this checkpoint ({why_not}); loading it through transformers")

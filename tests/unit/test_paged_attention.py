@@ -9,12 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from bucketserve.executor.attention import DecodeLayout, decode_attention, prefill_attention
+from bucketserve.executor.kernels import paged_attention_kernel
 from bucketserve.executor.kv_cache import OutOfPages, PagedKVPool
 
 
-def pool(num_pages: int = 64, page: int = 4, kv_heads: int = 2, dim: int = 8) -> PagedKVPool:
+def pool(num_pages: int = 64, page: int = 4, kv_heads: int = 2, dim: int = 8,
+         dtype: torch.dtype = torch.float32) -> PagedKVPool:
     return PagedKVPool(layers=1, kv_heads=kv_heads, head_dim=dim, page_size=page, num_pages=num_pages,
-                       dtype=torch.float32, device=torch.device("cpu"))
+                       dtype=dtype, device=torch.device("cpu"))
 
 
 def test_pages_are_taken_as_sequences_grow_and_given_back_when_they_end():
@@ -30,11 +32,22 @@ def test_pages_are_taken_as_sequences_grow_and_given_back_when_they_end():
     assert p.used_pages == 0 and p.nbytes() == 0
 
 
+@pytest.fixture(scope="module", params=["torch", "cpp"])
+def kernel(request):
+    """Decode attention through torch ops, and through the compiled CPU kernel (which must build here)."""
+    if request.param == "torch":
+        return None
+    built = paged_attention_kernel(log=print)
+    assert built is not None, "the CPU decode-attention kernel did not build"
+    return built
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", [2, 4])  # 4 query heads on 2 kv heads: grouped-query attention
-def test_decode_attention_over_pages_equals_sdpa_per_row(heads):
+def test_decode_attention_over_pages_equals_sdpa_per_row(heads, dtype, kernel):
     torch.manual_seed(0)
     rng = random.Random(0)
-    p, dim = pool(num_pages=200, page=4), 8
+    p, dim = pool(num_pages=200, page=4, dtype=dtype), 8
     p.keys[0].normal_()
     p.values[0].normal_()
     lengths = [1, 3, 4, 5, 17, 40]
@@ -44,14 +57,14 @@ def test_decode_attention_over_pages_equals_sdpa_per_row(heads):
     for seq, n in enumerate(lengths):
         tables.append((p.tables[seq].pages, n))
     rng.shuffle(p._free)
-    q = torch.randn(len(lengths), heads, dim)
+    q = torch.randn(len(lengths), heads, dim, dtype=dtype)
     layout = DecodeLayout.build(tables, 4, torch.device("cpu"))
-    got = decode_attention(q, p.keys[0], p.values[0], layout, dim ** -0.5)
+    got = decode_attention(q, p.keys[0], p.values[0], layout, dim ** -0.5, kernel)
     for row, (pages, n) in enumerate(tables):
         k = p.keys[0][pages].transpose(0, 1).reshape(2, -1, dim)[:, :n]
         v = p.values[0][pages].transpose(0, 1).reshape(2, -1, dim)[:, :n]
         want = F.scaled_dot_product_attention(q[row][None, :, None], k[None], v[None], enable_gqa=True)[0, :, 0]
-        torch.testing.assert_close(got[row], want)
+        torch.testing.assert_close(got[row], want, **({} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}))
     assert layout.real_positions == sum(lengths) and layout.read_positions == 4 * sum(-(-n // 4) for n in lengths)
 
 

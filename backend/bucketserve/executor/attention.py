@@ -4,7 +4,8 @@ Prefill: the batch's prompts are packed one after another (no padding); each seq
 SDPA over its own queries, keys and values.
 
 Decode: every row has one query and a different number of cached positions, in pages of the pool.
-The step gathers each row's pages (``DecodeLayout``, built once per step and shared by every layer),
+On the CPU a compiled kernel (``csrc/paged_attention.cpp``) reads each row's pages once, in place, with
+an online softmax. Elsewhere, or where it cannot be built, torch ops do it: the step gathers each row's pages (``DecodeLayout``, built once per step and shared by every layer),
 scores each page against its row's query in one batched matmul, and combines the pages of a row with
 a segmented softmax: each page's max, sum and weighted values are laid out ``[rows, most pages]`` (a
 page's worth of numbers per page, so that padding is tiny) and reduced per row. Nothing is read for
@@ -15,6 +16,7 @@ as padding.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +40,12 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths
 
 @dataclass
 class DecodeLayout:
-    """Which pages each decode row reads, built once per step."""
+    """Which pages each decode row reads, built once per step and shared by every layer."""
 
+    tables: torch.Tensor
+    """``[rows, most_pages]`` int64: each row's pages (unused entries 0)."""
+    lengths: torch.Tensor
+    """``[rows]`` int64: each row's positions, the one written this step included."""
     pages: torch.Tensor
     """``[P]``: the pages of every row, row after row."""
     row_of_page: torch.Tensor
@@ -56,7 +62,7 @@ class DecodeLayout:
     @classmethod
     def build(cls, tables: list[tuple[list[int], int]], page_size: int, device: torch.device) -> "DecodeLayout":
         """``tables``: each row's (pages, length), the length counting the token written this step."""
-        pages, owners, fill, slot = [], [], [], []
+        pages, owners, fill, slot, padded = [], [], [], [], []
         most = max(-(-length // page_size) for _, length in tables)
         for row, (row_pages, length) in enumerate(tables):
             used = -(-length // page_size)
@@ -64,10 +70,12 @@ class DecodeLayout:
             owners += [row] * used
             fill += [page_size] * (used - 1) + [length - (used - 1) * page_size]
             slot += range(row * most, row * most + used)
+            padded.append(row_pages[:used] + [0] * (most - used))
         valid = torch.arange(page_size)[None, :] < torch.tensor(fill)[:, None]
-        real = sum(length for _, length in tables)
-        return cls(torch.tensor(pages, device=device), torch.tensor(owners, device=device), valid.to(device),
-                   torch.tensor(slot, device=device), most, len(tables), real, len(pages) * page_size)
+        lengths = [length for _, length in tables]
+        return cls(torch.tensor(padded, device=device), torch.tensor(lengths, device=device),
+                   torch.tensor(pages, device=device), torch.tensor(owners, device=device), valid.to(device),
+                   torch.tensor(slot, device=device), most, len(tables), sum(lengths), len(pages) * page_size)
 
     def per_row(self, per_page: torch.Tensor, fill: float, reduce: str) -> torch.Tensor:
         """Reduce ``[P, ...]`` page statistics to ``[rows, ...]`` (``amax`` or ``sum``) in a fixed order."""
@@ -78,9 +86,12 @@ class DecodeLayout:
 
 
 def decode_attention(q: torch.Tensor, key_pool: torch.Tensor, value_pool: torch.Tensor, layout: DecodeLayout,
-                     scale: float) -> torch.Tensor:
+                     scale: float, kernel: Any = None) -> torch.Tensor:
     """``q`` ``[rows, heads, dim]`` against each row's pages of ``key_pool``/``value_pool``
-    ``[pages, kv_heads, page_size, dim]``; returns ``[rows, heads, dim]``."""
+    ``[pages, kv_heads, page_size, dim]``; returns ``[rows, heads, dim]``. ``kernel``: the compiled CPU
+    kernel (``kernels.py``), which reads each page once in place; without it, torch ops gather the pages."""
+    if kernel is not None:
+        return kernel.paged_decode_attention(q.contiguous(), key_pool, value_pool, layout.tables, layout.lengths, scale)
     rows, heads, dim = q.shape
     kv_heads = key_pool.shape[1]
     group = heads // kv_heads

@@ -20,6 +20,7 @@ from bucketserve.engine.request import Request
 from bucketserve.executor.attention import DecodeLayout, decode_attention, prefill_attention
 from bucketserve.executor.base import ExecutorBase, eos_ids_of
 from bucketserve.executor.device import pick_device, pick_dtype
+from bucketserve.executor.kernels import paged_attention_kernel
 from bucketserve.executor.kv_cache import PagedKVPool
 from bucketserve.executor.linear import onednn_works
 from bucketserve.executor.llama import LlamaModel
@@ -28,7 +29,8 @@ from bucketserve.executor.sampler import Sampler
 
 class PagedExecutor(ExecutorBase):
     def __init__(self, model_path: str, config: Any, tokenizer: Any, device: str = "auto", dtype: str = "auto",
-                 num_threads: int = 0, page_size: int = 16, log: Callable[[str], None] = print):
+                 num_threads: int = 0, page_size: int = 16, attention_kernel: str = "auto",
+                 log: Callable[[str], None] = print):
         from transformers import GenerationConfig
 
         torch.set_num_threads(num_threads or os.cpu_count() or 1)
@@ -48,10 +50,16 @@ class PagedExecutor(ExecutorBase):
         self.pool: PagedKVPool | None = None
         self.rows: list[Request] = []
         """The running set, in the order ``decode`` returns tokens."""
+        self.kernel = None
+        if attention_kernel == "cpp" or (attention_kernel == "auto" and self.device.type == "cpu"):
+            self.kernel = paged_attention_kernel(log)
+            if self.kernel is None and attention_kernel == "cpp":
+                raise RuntimeError("attention_kernel cpp: the CPU decode-attention kernel could not be built")
         matmuls = "oneDNN prepacked" if self.onednn else "F.linear"
+        attention = "compiled CPU kernel" if self.kernel is not None else "torch ops"
         log(f"loaded {config.model_type} ({self.model.num_parameters / 1e6:.1f}M parameters, {chosen}) on "
             f"{self.device} with {torch.get_num_threads()} threads: paged executor (pages of {page_size}, "
-            f"{matmuls} matmuls)")
+            f"{matmuls} matmuls, decode attention on {attention})")
 
     @property
     def num_parameters(self) -> int:
@@ -59,7 +67,8 @@ class PagedExecutor(ExecutorBase):
 
     def info(self) -> dict[str, str]:
         return {"executor": "paged", "dtype": str(self.model.dtype).removeprefix("torch."), "device": str(self.device),
-                "matmuls": "onednn" if self.onednn else "torch", "kv_page_size": str(self.page_size)}
+                "matmuls": "onednn" if self.onednn else "torch", "kv_page_size": str(self.page_size),
+                "decode_attention": "cpp" if self.kernel is not None else "torch"}
 
     def kv_cost(self) -> KVCostModel:
         m = self.model
@@ -155,7 +164,7 @@ class PagedExecutor(ExecutorBase):
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             pool.write(layer, slots, k, v)
-            return decode_attention(q, pool.keys[layer], pool.values[layer], layout, scale)
+            return decode_attention(q, pool.keys[layer], pool.values[layer], layout, scale, self.kernel)
 
         tokens = self.sampler(self.model.logits(self.model.forward(ids, positions, attend)), rows)
         for request in rows:  # only now: a failed forward advanced no row
