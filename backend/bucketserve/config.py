@@ -93,6 +93,10 @@ class EngineConfig:
     slo_expiry: float = 1.0
     """A request with slo_ms still waiting for its first token after slo_expiry x slo_ms ends with a
     "deadline exceeded" error (UNAVAILABLE) instead of taking compute it can no longer use; 0 never."""
+    stream_interval_ms: float = 50.0
+    """A streamed request's text waits up to this long to share one response with what follows (its first
+    text and its end go at once), like vLLM's stream interval: fewer Triton responses when many streams
+    run (each costs the model process an IPC call); 0 sends each step's text as soon as it is ready."""
     cancel_poll_ms: int = 50
     """How often the response thread asks Triton whether clients cancelled their requests."""
     max_queue_size: int = 1024
@@ -108,7 +112,7 @@ class EngineConfig:
         for name in ("num_threads", "max_model_len"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"parameter {name} must be >= 0, got {getattr(self, name)}")
-        for name in ("kv_cache_bytes", "max_queue_delay_ms", "max_queue_size", "slo_expiry"):
+        for name in ("kv_cache_bytes", "max_queue_delay_ms", "max_queue_size", "slo_expiry", "stream_interval_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"parameter {name} must be >= 0, got {getattr(self, name)}")
         for name in ("kv_cache_memory_fraction", "kv_safety", "bucket_theta", "bucket_merge_ratio", "deadline_urgency"):

@@ -20,10 +20,26 @@ SAMPLE_INTERVAL_S = 0.5
 SETTLE_S = 3.0
 
 
+class _Lines:
+    """A log file's view of a progress bar: each redraw on a line of its own."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "")
+        if text.strip():
+            self.stream.write(text.rstrip("\n") + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def progress(label: str, total: int) -> tqdm:
     """One bar per run: redrawn in place on a terminal, a line every 10 s otherwise (so logs stay short)."""
     tty = sys.stderr.isatty()
-    return tqdm(total=total, desc=label, file=sys.stderr, mininterval=0.1 if tty else 10.0, ascii=not tty,
+    return tqdm(total=total, desc=label, file=sys.stderr if tty else _Lines(sys.stderr),
+                mininterval=0.1 if tty else 10.0, ascii=not tty,
                 bar_format="{desc}: [{bar:30}] {n_fmt}/{total_fmt} requests{postfix}, {elapsed}")
 
 

@@ -70,3 +70,16 @@ def test_an_error_after_text_is_an_output_of_its_own(tokenizer):
         [Event(r, token), Event(r, [], FinishReason.ERROR, error="boom")])
     assert (text.text, text.finished) == ("hello", False)
     assert (error.text, error.finish_reason, error.error) == ("", FinishReason.ERROR, "boom")
+
+
+def test_outputs_a_lagging_front_end_holds_coalesce_per_request_keeping_errors_apart(tokenizer):
+    from bucketserve.engine.outputs import RequestOutput, coalesce
+    from bucketserve.engine.request import FinishReason, Request, SamplingParams
+
+    a, b = Request("a", [1], SamplingParams()), Request("b", [1], SamplingParams())
+    merged = coalesce([RequestOutput(a, "x", [1]), RequestOutput(b, "y", [2]), RequestOutput(a, "z", [3]),
+                       RequestOutput(a, "", [], FinishReason.LENGTH), RequestOutput(b, "w", [4]),
+                       RequestOutput(b, "", [], FinishReason.ERROR, "boom")])
+    assert [(o.request, o.text, o.token_ids, o.finish_reason, o.error) for o in merged] == [
+        (a, "xz", [1, 3], FinishReason.LENGTH, None), (b, "yw", [2, 4], None, None),
+        (b, "", [], FinishReason.ERROR, "boom")]

@@ -3,7 +3,8 @@ events, with its text delta, token ids, and exactly one final output (finish rea
 
 Runs on the engine's output thread, never the engine thread. Detokenizing and stop strings happen
 here for every front end. Events that piled up while a client lagged are coalesced into one output
-per request, so a slow consumer gets fewer, larger deltas and the same text in total.
+per request, so a slow consumer gets fewer, larger deltas and the same text in total; a front end that
+lags behind its outputs can ``coalesce`` them the same way.
 """
 
 from __future__ import annotations
@@ -43,6 +44,25 @@ class RequestOutput:
 
 
 Abort = Callable[[int, FinishReason], None]
+
+
+def coalesce(outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """One output per request for its consecutive outputs (text and tokens joined; the last one's finish and
+    error kept), except that an error or cancellation stays separate from the text before it."""
+    merged: list[RequestOutput] = []
+    latest: dict[int, RequestOutput] = {}
+    for output in outputs:
+        prev = latest.get(output.request.id)
+        ends_without_text = output.error is not None or output.finish_reason is FinishReason.CANCELLED
+        if prev is None or prev.finished or ends_without_text:
+            latest[output.request.id] = RequestOutput(output.request, output.text, list(output.token_ids),
+                                                      output.finish_reason, output.error)
+            merged.append(latest[output.request.id])
+            continue
+        prev.text += output.text
+        prev.token_ids += output.token_ids
+        prev.finish_reason, prev.error = output.finish_reason, output.error
+    return merged
 
 
 class OutputProcessor:

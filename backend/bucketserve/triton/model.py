@@ -69,7 +69,8 @@ class TritonPythonModel:
         self.engine = build_engine(self.config, model, lambda outputs: self.responses.put(outputs), log=info,
                                    log_error=self.logger.log_error)
         self.responses = ResponseThread(self.engine, self.config.cancel_poll_ms / 1000, log=self.logger.log_error,
-                                        on_tick=lambda: self.metrics.update(self.engine.monitor))
+                                        on_tick=lambda: self.metrics.update(self.engine.monitor),
+                                        stream_interval_s=self.config.stream_interval_ms / 1000)
         self.responses.start()
         self.engine.start()
 

@@ -17,7 +17,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from bucketserve.engine.engine import Engine
-from bucketserve.engine.outputs import RequestOutput
+from bucketserve.engine.outputs import RequestOutput, coalesce
 from bucketserve.engine.request import FinishReason, Request
 from bucketserve.triton.inputs import OutputOptions
 
@@ -33,8 +33,9 @@ class ClientStream:
     request: Request
     options: OutputOptions
     sender: Any
-    pending_text: str = ""  # non-streaming: everything so far
+    pending_text: str = ""  # not yet sent: everything so far (non-streaming), or since the last response
     pending_tokens: int = 0
+    last_sent: float | None = None
     done: bool = False
 
     def response(self, text: str, finish: FinishReason | None) -> Any:
@@ -52,9 +53,12 @@ class ClientStream:
 
 class ResponseThread:
     def __init__(self, engine: Engine, poll_s: float, log: Callable[[str], None],
-                 on_tick: Callable[[], None] = lambda: None):
+                 on_tick: Callable[[], None] = lambda: None, stream_interval_s: float = 0.0):
         self.engine = engine
         self.poll_s = poll_s
+        self.stream_interval_s = stream_interval_s
+        """A stream's text waits at most this long to share a response with what comes next (its first text and
+        its end go at once): fewer, larger responses, the same text in total."""
         self.log = log
         self.on_tick = on_tick
         self._queue: queue.Queue = queue.Queue()
@@ -80,16 +84,24 @@ class ResponseThread:
         next_poll = time.monotonic()
         while True:
             try:
-                kind, item = self._queue.get(timeout=self.poll_s)
+                items = [self._queue.get(timeout=self.poll_s)]
             except queue.Empty:
-                kind, item = "tick", None
-            if kind == "stop":
+                items = []
+            while True:  # everything queued meanwhile: a stream that lagged gets one response for all of it
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            outputs: list[RequestOutput] = []
+            for kind, item in items:
+                if kind == "register":
+                    self._streams[item.request.id] = item
+                elif kind == "outputs":
+                    outputs += item
+            for output in coalesce(outputs):
+                self._handle(output)
+            if any(kind == "stop" for kind, _ in items):
                 break
-            if kind == "register":
-                self._streams[item.request.id] = item
-            elif kind == "outputs":
-                for output in item:
-                    self._handle(output)
             if time.monotonic() >= next_poll:
                 self._poll_cancelled()
                 self._safely(self.on_tick)
@@ -124,19 +136,24 @@ class ResponseThread:
         if stream is None or stream.done:
             return
         finish = output.finish_reason
-        if output.error is not None:
-            code = pb_utils.TritonError.UNAVAILABLE if finish is FinishReason.DEADLINE else pb_utils.TritonError.INTERNAL
-            self._send(stream, error_response(output.error, code), final=True)
-            return
-        if finish is FinishReason.CANCELLED:
-            self._send(stream, error_response("request was cancelled", pb_utils.TritonError.CANCELLED), final=True)
+        if output.error is not None or finish is FinishReason.CANCELLED:
+            if stream.options.stream and stream.pending_text:  # what came before the failure still arrives
+                self._send(stream, stream.response(stream.pending_text, None), final=False)
+            if output.error is not None:
+                code = pb_utils.TritonError.UNAVAILABLE if finish is FinishReason.DEADLINE else pb_utils.TritonError.INTERNAL
+                self._send(stream, error_response(output.error, code), final=True)
+            else:
+                self._send(stream, error_response("request was cancelled", pb_utils.TritonError.CANCELLED), final=True)
             return
         stream.pending_tokens += len(output.token_ids)
-        if stream.options.stream:
-            if output.text or finish is not None:
-                self._send(stream, stream.response(output.text, finish), final=finish is not None)
-            return
         stream.pending_text += output.text
+        if stream.options.stream:
+            now = time.monotonic()
+            due = stream.last_sent is None or now - stream.last_sent >= self.stream_interval_s
+            if finish is not None or (stream.pending_text and due):
+                self._send(stream, stream.response(stream.pending_text, finish), final=finish is not None)
+                stream.pending_text, stream.last_sent = "", now
+            return
         if finish is not None:
             text = stream.pending_text if stream.options.exclude_input_in_output else stream.request.prompt + stream.pending_text
             self._send(stream, stream.response(text, finish), final=True)
