@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make bench-tools`: our peers' own load tools against the server. genai-perf (installed once into
-# .venv-tools, beside its own dependencies) on the PEERS.md-sized workload, then perf_analyzer.
+# .venv-tools, beside its own dependencies) on the peers-sized workload (docs/peers.md), then perf_analyzer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/server.sh

@@ -58,7 +58,7 @@ def test_decode_attention_over_pages_equals_sdpa_per_row(heads, dtype, kernel):
         tables.append((p.tables[seq].pages, n))
     rng.shuffle(p._free)
     q = torch.randn(len(lengths), heads, dim, dtype=dtype)
-    layout = DecodeLayout.build(tables, 4, torch.device("cpu"))
+    layout = DecodeLayout.build(tables, 4, torch.device("cpu"), gather=kernel is None)
     got = decode_attention(q, p.keys[0], p.values[0], layout, dim ** -0.5, kernel)
     for row, (pages, n) in enumerate(tables):
         k = p.keys[0][pages].transpose(0, 1).reshape(2, -1, dim)[:, :n]

@@ -46,13 +46,13 @@ class DecodeLayout:
     """``[rows, most_pages]`` int64: each row's pages (unused entries 0)."""
     lengths: torch.Tensor
     """``[rows]`` int64: each row's positions, the one written this step included."""
-    pages: torch.Tensor
-    """``[P]``: the pages of every row, row after row."""
-    row_of_page: torch.Tensor
+    pages: torch.Tensor | None
+    """``[P]``: the pages of every row, row after row (the torch-ops path only, as the three below)."""
+    row_of_page: torch.Tensor | None
     """``[P]``: the row each page belongs to."""
-    valid: torch.Tensor
+    valid: torch.Tensor | None
     """``[P, page_size]``: which slots of each page hold a position of its row."""
-    slot: torch.Tensor
+    slot: torch.Tensor | None
     """``[P]``: where each page's statistics go in a ``[rows x most_pages]`` layout (row-major)."""
     most_pages: int
     rows: int
@@ -60,22 +60,25 @@ class DecodeLayout:
     read_positions: int
 
     @classmethod
-    def build(cls, tables: list[tuple[list[int], int]], page_size: int, device: torch.device) -> "DecodeLayout":
-        """``tables``: each row's (pages, length), the length counting the token written this step."""
-        pages, owners, fill, slot, padded = [], [], [], [], []
+    def build(cls, tables: list[tuple[list[int], int]], page_size: int, device: torch.device,
+              gather: bool = True) -> "DecodeLayout":
+        """``tables``: each row's (pages, length), the length counting the token written this step.
+        ``gather``: also what the torch-ops path needs (the compiled kernel reads ``tables`` only)."""
         most = max(-(-length // page_size) for _, length in tables)
-        for row, (row_pages, length) in enumerate(tables):
-            used = -(-length // page_size)
-            pages += row_pages[:used]
-            owners += [row] * used
-            fill += [page_size] * (used - 1) + [length - (used - 1) * page_size]
-            slot += range(row * most, row * most + used)
-            padded.append(row_pages[:used] + [0] * (most - used))
-        valid = torch.arange(page_size)[None, :] < torch.tensor(fill)[:, None]
+        used = [-(-length // page_size) for _, length in tables]
         lengths = [length for _, length in tables]
-        return cls(torch.tensor(padded, device=device), torch.tensor(lengths, device=device),
-                   torch.tensor(pages, device=device), torch.tensor(owners, device=device), valid.to(device),
-                   torch.tensor(slot, device=device), most, len(tables), sum(lengths), len(pages) * page_size)
+        padded = [row_pages[:n] + [0] * (most - n) for (row_pages, _), n in zip(tables, used)]
+        layout = cls(torch.tensor(padded, device=device), torch.tensor(lengths, device=device), *([None] * 4),
+                     most, len(tables), sum(lengths), sum(used) * page_size)
+        if gather:
+            pages = [p for (row_pages, _), n in zip(tables, used) for p in row_pages[:n]]
+            owners = [row for row, n in enumerate(used) for _ in range(n)]
+            fill = [f for n, length in zip(used, lengths) for f in [page_size] * (n - 1) + [length - (n - 1) * page_size]]
+            slot = [s for row, n in enumerate(used) for s in range(row * most, row * most + n)]
+            layout.pages, layout.row_of_page = torch.tensor(pages, device=device), torch.tensor(owners, device=device)
+            layout.valid = (torch.arange(page_size)[None, :] < torch.tensor(fill)[:, None]).to(device)
+            layout.slot = torch.tensor(slot, device=device)
+        return layout
 
     def per_row(self, per_page: torch.Tensor, fill: float, reduce: str) -> torch.Tensor:
         """Reduce ``[P, ...]`` page statistics to ``[rows, ...]`` (``amax`` or ``sum``) in a fixed order."""

@@ -156,7 +156,7 @@ class PagedExecutor(ExecutorBase):
         for request in rows:
             table = pool.reserve(request.id, pool.tables[request.id].length + 1)
             tables.append((table.pages, table.length + 1))
-        layout = DecodeLayout.build(tables, size, dev)
+        layout = DecodeLayout.build(tables, size, dev, gather=self.kernel is None)
         slots = pool.slot_index([pages[(n - 1) // size] for pages, n in tables], [(n - 1) % size for _, n in tables])
         ids = torch.tensor([r.output_ids[-1] for r in rows], device=dev)
         positions = torch.tensor([n - 1 for _, n in tables], device=dev)
