@@ -8,6 +8,8 @@ be built (no compiler, no ninja) the executor falls back to torch ops and says s
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +28,10 @@ def paged_attention_kernel(log: Callable[[str], None]) -> Any | None:
 
 
 def _build(log: Callable[[str], None]) -> Any | None:
+    # the build runs ninja, which pip installs beside this interpreter (the project depends on it)
+    here = os.path.dirname(sys.executable)
+    if here not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([here, os.environ.get("PATH", "")])
     try:
         from torch.utils.cpp_extension import load
 
