@@ -1,7 +1,7 @@
 """The engine: a request's whole life, from prompt text to its one final output.
 
-``add_request`` tokenizes and checks a prompt on the caller's thread (a bad one raises
-``InvalidInput`` at once) and queues it. One engine thread owns the executor and the scheduler: each
+``make_request`` tokenizes and checks a prompt on the caller's thread (a bad one raises
+``InvalidInput`` at once); ``submit`` queues it. One engine thread owns the executor and the scheduler: each
 step it prefills the policy's next batch, then runs one decode step for every running sequence
 (continuous batching); finished sequences leave at once and their KV memory is freed. An output
 thread turns the engine thread's token events into text deltas (``outputs.OutputProcessor``) and
@@ -63,13 +63,6 @@ class Engine:
     def start(self) -> None:
         self._output_thread.start()
         self._thread.start()
-
-    def add_request(self, prompt: str, sampling: SamplingParams, priority: Priority = Priority.ONLINE,
-                    slo_ms: int | None = None, timeout_ms: float | None = None) -> Request:
-        """``make_request`` and ``submit`` in one."""
-        request = self.make_request(prompt, sampling, priority, slo_ms, timeout_ms)
-        self.submit(request)
-        return request
 
     def make_request(self, prompt: str, sampling: SamplingParams, priority: Priority = Priority.ONLINE,
                      slo_ms: int | None = None, timeout_ms: float | None = None,

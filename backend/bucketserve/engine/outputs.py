@@ -42,6 +42,15 @@ class RequestOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def ends_without_text(self) -> bool:
+        return ends_without_text(self.error, self.finish_reason)
+
+
+def ends_without_text(error: str | None, finish: FinishReason | None) -> bool:
+    """A failure or a cancellation: a final of its own, never joined to the text before it."""
+    return error is not None or finish is FinishReason.CANCELLED
+
 
 Abort = Callable[[int, FinishReason], None]
 
@@ -53,8 +62,7 @@ def coalesce(outputs: list[RequestOutput]) -> list[RequestOutput]:
     latest: dict[int, RequestOutput] = {}
     for output in outputs:
         prev = latest.get(output.request.id)
-        ends_without_text = output.error is not None or output.finish_reason is FinishReason.CANCELLED
-        if prev is None or prev.finished or ends_without_text:
+        if prev is None or prev.finished or output.ends_without_text:
             latest[output.request.id] = RequestOutput(output.request, output.text, list(output.token_ids),
                                                       output.finish_reason, output.error)
             merged.append(latest[output.request.id])
@@ -85,17 +93,17 @@ class OutputProcessor:
             out = latest.get(rid)
             if out is not None and out.finished:
                 continue
-            ends_without_text = event.error is not None or event.finish is FinishReason.CANCELLED
-            if out is None or (ends_without_text and (out.text or out.token_ids)):
+            final_only = ends_without_text(event.error, event.finish)
+            if out is None or (final_only and (out.text or out.token_ids)):
                 # an error or cancellation is an output of its own: the text before it still reaches the client
                 out = latest[rid] = RequestOutput(event.request)
                 outputs.append(out)
-            self._apply(event, out, ends_without_text)
+            self._apply(event, out, final_only)
         return outputs
 
-    def _apply(self, event: Event, out: RequestOutput, ends_without_text: bool) -> None:
+    def _apply(self, event: Event, out: RequestOutput, final_only: bool) -> None:
         rid = event.request.id
-        if ends_without_text:
+        if final_only:
             self._texts.pop(rid, None)
             out.finish_reason, out.error = event.finish, event.error
             return

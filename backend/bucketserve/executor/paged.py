@@ -150,14 +150,17 @@ class PagedExecutor(ExecutorBase):
         return out
 
     def _decode_forward(self, rows: list[Request]) -> list[int]:
-        pool, dev, size = self.pool, self.device, self.page_size
+        pool, dev = self.pool, self.device
         assert pool is not None
-        tables = []
-        for request in rows:
+        tables, pages, offsets = [], [], []
+        for request in rows:  # each row writes its next position, the length it has so far
             table = pool.reserve(request.id, pool.tables[request.id].length + 1)
             tables.append((table.pages, table.length + 1))
-        layout = DecodeLayout.build(tables, size, dev, gather=self.kernel is None)
-        slots = pool.slot_index([pages[(n - 1) // size] for pages, n in tables], [(n - 1) % size for _, n in tables])
+            page, offset = pool.slots(request.id, table.length, table.length + 1)
+            pages += page
+            offsets += offset
+        layout = DecodeLayout.build(tables, self.page_size, dev, gather=self.kernel is None)
+        slots = pool.slot_index(pages, offsets)
         ids = torch.tensor([r.output_ids[-1] for r in rows], device=dev)
         positions = torch.tensor([n - 1 for _, n in tables], device=dev)
         scale = self.model.scale

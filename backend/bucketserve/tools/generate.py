@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from bucketserve.config import EngineConfig
@@ -58,9 +59,8 @@ def main(args: argparse.Namespace) -> int:
     except InvalidInput as e:
         print(f"[generate] ERROR: {e}", file=sys.stderr)
         return 2
-    engine_params = {k: getattr(config, k) for k in dict(kv.split("=", 1) for kv in args.param)}  # converted
     with LLM(str(args.model_path) if args.model_path else None, log=lambda m: print(f"[generate] {m}", file=sys.stderr),
-             **engine_params) as llm:
+             **asdict(config)) as llm:
         try:
             results = llm.generate(prompts, params, priorities)
         except InvalidInput as e:

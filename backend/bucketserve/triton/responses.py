@@ -136,7 +136,7 @@ class ResponseThread:
         if stream is None or stream.done:
             return
         finish = output.finish_reason
-        if output.error is not None or finish is FinishReason.CANCELLED:
+        if output.ends_without_text:
             if stream.options.stream and stream.pending_text:  # what came before the failure still arrives
                 self._send(stream, stream.response(stream.pending_text, None), final=False)
             if output.error is not None:
