@@ -44,10 +44,11 @@ def kernel(request):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", [2, 4])  # 4 query heads on 2 kv heads: grouped-query attention
-def test_decode_attention_over_pages_equals_sdpa_per_row(heads, dtype, kernel):
+@pytest.mark.parametrize("dim", [8, 64, 128])  # the kernel has vector paths for 64 and 128, a plain one else
+def test_decode_attention_over_pages_equals_sdpa_per_row(heads, dim, dtype, kernel):
     torch.manual_seed(0)
     rng = random.Random(0)
-    p, dim = pool(num_pages=200, page=4, dtype=dtype), 8
+    p = pool(num_pages=200, page=4, dim=dim, dtype=dtype)
     p.keys[0].normal_()
     p.values[0].normal_()
     lengths = [1, 3, 4, 5, 17, 40]

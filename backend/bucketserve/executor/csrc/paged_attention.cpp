@@ -1,5 +1,8 @@
-// Decode attention over a paged KV pool, for the CPU: each (row, kv head) reads exactly its own pages once,
-// scores them against its query heads and folds them into an online softmax (no gather, no copy).
+// Decode attention over a paged KV pool, for the CPU: each (row, kv head) reads exactly its own pages,
+// in place (no gather, no copy). Two passes over the row: the scores of every cached position against the
+// query heads of the group (reading the keys once), then one softmax over them and the weighted sum of
+// the values (reading the values once). A row's scores fit in L2 (max_model_len floats per query head);
+// with the head size known at compile time (64, 128) the value accumulator lives in registers.
 // Built on first use by bucketserve.executor.kernels (torch.utils.cpp_extension); the torch path in
 // attention.py computes the same thing where this cannot be built.
 #include <torch/extension.h>
@@ -7,61 +10,124 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-template <typename T>
-void decode(const T* q, const T* key_pool, const T* value_pool, const int64_t* tables, const int64_t* lengths, T* out,
-            int64_t rows, int64_t heads, int64_t kv_heads, int64_t page_size, int64_t dim, int64_t most_pages,
-            float scale) {
-  const int64_t group = heads / kv_heads;
-  at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(group * dim), query(group * dim), best(group), total(group), scores(page_size);
+// 16 floats: one AVX-512 register, or two or four narrower ones (GCC >= 12 and Clang vector extensions;
+// an older compiler fails the build and attention falls back to torch ops)
+typedef float Floats __attribute__((vector_size(64)));
+typedef float UnalignedFloats __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t UnalignedHalves __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t Words __attribute__((vector_size(64)));
+typedef float Floats8 __attribute__((vector_size(32)));
+typedef float Floats4 __attribute__((vector_size(16)));
+
+inline Floats load16(const float* p) { return *reinterpret_cast<const UnalignedFloats*>(p); }
+
+inline Floats load16(const c10::BFloat16* p) {  // bf16 is the upper half of a float
+  const Words widened = __builtin_convertvector(*reinterpret_cast<const UnalignedHalves*>(p), Words) << 16;
+  return reinterpret_cast<const Floats&>(widened);
+}
+
+inline float sum16(Floats v) {  // halving in registers, not 15 dependent adds
+  const Floats8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const Floats4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// q . k over DIM (a multiple of 16) with independent accumulators
+template <int DIM, typename T>
+inline float dot(const float* q, const T* k) {
+  Floats acc[DIM / 16];
+  for (int i = 0; i < DIM / 16; ++i) acc[i] = load16(q + 16 * i) * load16(k + 16 * i);
+  for (int width = DIM / 32; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) acc[i] += acc[i + width];
+  return sum16(acc[0]);
+}
+
+struct Shape {
+  int64_t rows, heads, kv_heads, page_size, dim, most_pages;
+  float scale;
+};
+
+// DIM > 0: the head size, known at compile time; 0: read from shape.dim
+template <typename T, int DIM>
+void decode(const T* __restrict q, const T* __restrict key_pool, const T* __restrict value_pool,
+            const int64_t* __restrict tables, const int64_t* __restrict lengths, T* __restrict out, const Shape s) {
+  const int64_t dim = DIM > 0 ? DIM : s.dim, group = s.heads / s.kv_heads, page_size = s.page_size;
+  at::parallel_for(0, s.rows * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> query(group * dim), acc(dim), scores;
     for (int64_t job = begin; job < end; ++job) {
-      const int64_t row = job / kv_heads, kv_head = job % kv_heads, length = lengths[row];
-      const T* q_row = q + (row * heads + kv_head * group) * dim;
-      for (int64_t i = 0; i < group * dim; ++i) query[i] = static_cast<float>(q_row[i]) * scale;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::fill(best.begin(), best.end(), -std::numeric_limits<float>::infinity());
-      std::fill(total.begin(), total.end(), 0.f);
-      for (int64_t p = 0; p * page_size < length; ++p) {
-        const int64_t page = tables[row * most_pages + p], n = std::min(page_size, length - p * page_size);
-        const T* keys = key_pool + (page * kv_heads + kv_head) * page_size * dim;
-        const T* values = value_pool + (page * kv_heads + kv_head) * page_size * dim;
+      const int64_t row = job / s.kv_heads, kv_head = job % s.kv_heads, length = lengths[row];
+      const int64_t* pages = tables + row * s.most_pages;
+      const T* q_row = q + (row * s.heads + kv_head * group) * dim;
+      for (int64_t i = 0; i < group * dim; ++i) query[i] = static_cast<float>(q_row[i]) * s.scale;
+      scores.resize(group * length);
+      for (int64_t start = 0; start < length; start += page_size) {  // pass 1: scores, keys read once
+        const int64_t n = std::min(page_size, length - start);
+        const T* keys = key_pool + (pages[start / page_size] * s.kv_heads + kv_head) * page_size * dim;
         for (int64_t g = 0; g < group; ++g) {
-          const float* qg = query.data() + g * dim;
-          float page_best = -std::numeric_limits<float>::infinity();
+          const float* __restrict qg = query.data() + g * dim;
+          float* __restrict out_g = scores.data() + g * length + start;
           for (int64_t t = 0; t < n; ++t) {
-            const T* k = keys + t * dim;
-            float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < dim; ++d) dot += qg[d] * static_cast<float>(k[d]);
-            scores[t] = dot;
-            page_best = std::max(page_best, dot);
+            const T* __restrict k = keys + t * dim;
+            if constexpr (DIM > 0) {
+              out_g[t] = dot<DIM>(qg, k);
+            } else {
+              float sum = 0.f;
+              for (int64_t d = 0; d < dim; ++d) sum += qg[d] * static_cast<float>(k[d]);
+              out_g[t] = sum;
+            }
           }
-          const float new_best = std::max(best[g], page_best), rescale = std::exp(best[g] - new_best);
-          float* a = acc.data() + g * dim;
-          float sum = total[g] * rescale;
-#pragma omp simd
-          for (int64_t d = 0; d < dim; ++d) a[d] *= rescale;
-          for (int64_t t = 0; t < n; ++t) {
-            const float w = std::exp(scores[t] - new_best);
-            const T* v = values + t * dim;
-            sum += w;
-#pragma omp simd
-            for (int64_t d = 0; d < dim; ++d) a[d] += w * static_cast<float>(v[d]);
-          }
-          total[g] = sum;
-          best[g] = new_best;
         }
       }
-      T* o = out + (row * heads + kv_head * group) * dim;
-      for (int64_t g = 0; g < group; ++g)
-        for (int64_t d = 0; d < dim; ++d) o[g * dim + d] = static_cast<T>(acc[g * dim + d] / total[g]);
+      for (int64_t g = 0; g < group; ++g) {  // softmax, then pass 2: values read once
+        float* __restrict w = scores.data() + g * length;
+        const float best = *std::max_element(w, w + length);
+        float total = 0.f;
+        for (int64_t t = 0; t < length; ++t) {
+          w[t] = std::exp(w[t] - best);
+          total += w[t];
+        }
+        float* a = acc.data();
+        if constexpr (DIM > 0) {
+          Floats sums[DIM / 16] = {};  // in registers across the whole row
+          for (int64_t start = 0; start < length; start += page_size) {
+            const int64_t n = std::min(page_size, length - start);
+            const T* values = value_pool + (pages[start / page_size] * s.kv_heads + kv_head) * page_size * dim;
+            for (int64_t t = 0; t < n; ++t)
+              for (int i = 0; i < DIM / 16; ++i) sums[i] += w[start + t] * load16(values + t * DIM + 16 * i);
+          }
+          __builtin_memcpy(a, sums, sizeof(sums));
+        } else {
+          std::fill(a, a + dim, 0.f);
+          for (int64_t start = 0; start < length; start += page_size) {
+            const int64_t n = std::min(page_size, length - start);
+            const T* values = value_pool + (pages[start / page_size] * s.kv_heads + kv_head) * page_size * dim;
+            for (int64_t t = 0; t < n; ++t)
+              for (int64_t d = 0; d < dim; ++d) a[d] += w[start + t] * static_cast<float>(values[t * dim + d]);
+          }
+        }
+        T* o = out + (row * s.heads + kv_head * group + g) * dim;
+        const float inverse = 1.f / total;
+        for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(a[d] * inverse);
+      }
     }
   });
+}
+
+template <typename T>
+void dispatch_dim(const T* q, const T* keys, const T* values, const int64_t* tables, const int64_t* lengths, T* out,
+                  const Shape& s) {
+  if constexpr (!std::is_same_v<T, double>) {  // the vector paths are float32 lanes
+    if (s.dim == 64) return decode<T, 64>(q, keys, values, tables, lengths, out, s);
+    if (s.dim == 128) return decode<T, 128>(q, keys, values, tables, lengths, out, s);
+  }
+  decode<T, 0>(q, keys, values, tables, lengths, out, s);
 }
 
 }  // namespace
@@ -73,10 +139,11 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor key_pool, to
   TORCH_CHECK(tables.scalar_type() == torch::kLong && lengths.scalar_type() == torch::kLong, "int64 tables");
   auto out = torch::empty_like(q);
   const auto t = tables.contiguous(), n = lengths.contiguous();
+  const Shape shape{q.size(0), q.size(1), key_pool.size(1), key_pool.size(2), q.size(2), t.size(1),
+                    static_cast<float>(scale)};
   AT_DISPATCH_FLOATING_TYPES_AND(at::ScalarType::BFloat16, q.scalar_type(), "paged_decode_attention", [&] {
-    decode<scalar_t>(q.data_ptr<scalar_t>(), key_pool.data_ptr<scalar_t>(), value_pool.data_ptr<scalar_t>(),
-                     t.data_ptr<int64_t>(), n.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), q.size(0), q.size(1),
-                     key_pool.size(1), key_pool.size(2), q.size(2), t.size(1), static_cast<float>(scale));
+    dispatch_dim<scalar_t>(q.data_ptr<scalar_t>(), key_pool.data_ptr<scalar_t>(), value_pool.data_ptr<scalar_t>(),
+                           t.data_ptr<int64_t>(), n.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), shape);
   });
   return out;
 }
