@@ -39,3 +39,33 @@ def test_top_k_1_and_tiny_top_p_are_greedy():
         assert picks == {42}, params
     wide = {sampler(flat.clone(), [req(temperature=5.0, seed=s)])[0] for s in range(20)}
     assert len(wide) > 10  # without the filters the flat distribution is really sampled
+
+
+def test_each_row_of_a_batch_keeps_its_own_top_k_and_top_p():
+    sampler = Sampler(torch.device("cpu"), frozenset([EOS]))
+    ranked = torch.arange(20, 0, -1).float()[None].repeat(60, 1) / 4  # token 0 best, token 19 worst
+    filters = [{"top_k": 3}, {"top_p": 0.5}, {}]  # top_p 0.5 of this softmax keeps tokens 0-2
+    rows = [req(temperature=1.0, seed=i, **filters[i % 3]) for i in range(60)]
+    picks = sampler(ranked, rows)
+    for i, token in enumerate(picks):
+        assert token < 3 or not filters[i % 3], (filters[i % 3], token)
+    assert max(picks[2::3]) >= 3  # the unfiltered rows do reach past the filtered sets
+
+
+def test_sampled_frequencies_follow_the_softmax():
+    sampler = Sampler(torch.device("cpu"), frozenset([EOS]))
+    want = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    n = 4000
+    picks = sampler(want.log()[None].repeat(n, 1), [req(temperature=1.0, seed=s) for s in range(n)])
+    got = torch.bincount(torch.tensor(picks), minlength=4).float() / n
+    assert torch.allclose(got, want, atol=0.03), got
+
+
+def test_a_seeded_row_draws_the_same_alone_or_in_a_batch():
+    flat = torch.zeros(1, 50)
+    alone = [Sampler(torch.device("cpu"), frozenset())(flat.clone(), [req(temperature=1.0, seed=7)])[0]
+             for _ in range(2)]
+    crowd = Sampler(torch.device("cpu"), frozenset())(flat.repeat(3, 1), [req(temperature=1.0, seed=1),
+                                                                            req(temperature=1.0, seed=7),
+                                                                            req(temperature=0.0)])
+    assert alone[0] == alone[1] == crowd[1]
