@@ -43,7 +43,7 @@ VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-0-$(($(nproc) - 1))} VLLM
   --gpu-memory-utilization "${VLLM_MEMORY:-0.3}" \
   >"$TMP/vllm.log" 2>&1 &
 VLLM_PID=$!
-trap 'kill -TERM $VLLM_PID 2>/dev/null; wait $VLLM_PID 2>/dev/null; stop_server' EXIT
+trap 'kill -TERM $VLLM_PID 2>/dev/null || true; wait $VLLM_PID 2>/dev/null || true; stop_server' EXIT
 until curl -sf "http://127.0.0.1:$VLLM_PORT/v1/models" >/dev/null; do
   kill -0 $VLLM_PID 2>/dev/null || { echo "[bench-vllm] vLLM failed to start:" >&2; tail -30 "$TMP/vllm.log" >&2; exit 1; }
   sleep 1

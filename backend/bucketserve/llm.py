@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from bucketserve.config import EngineConfig
+from bucketserve.engine.executor import TokenLogprobs
 from bucketserve.engine.outputs import RequestOutput
 from bucketserve.engine.request import InvalidInput, Priority, Request, SamplingParams
 from bucketserve.factory import build_engine, load_model
@@ -33,10 +34,16 @@ class Completion:
     """``stop``, ``length``, ``deadline`` or ``error``."""
     num_input_tokens: int
     error: str | None = None
+    logprobs: list[TokenLogprobs] | None = None
+    """Per token of ``token_ids``, when ``SamplingParams.logprobs`` asked for them."""
 
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        return None if self.logprobs is None else sum(lp.logprob for lp in self.logprobs)
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,7 @@ class Delta:
     token_ids: list[int]
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: list[TokenLogprobs] | None = None
 
 
 class LLM:
@@ -104,18 +112,21 @@ class LLM:
             self._submit(request, results)
         texts: dict[int, list[str]] = {r.id: [] for r in requests}
         ids: dict[int, list[int]] = {r.id: [] for r in requests}
+        logprobs: dict[int, list[TokenLogprobs]] = {r.id: [] for r in requests}
         finals: dict[int, RequestOutput] = {}
         with tqdm(total=len(requests), desc="generate", unit="req", disable=not use_tqdm) as bar:
             while len(finals) < len(requests):
                 out: RequestOutput = results.get()
                 texts[out.request.id].append(out.text)
                 ids[out.request.id] += out.token_ids
+                logprobs[out.request.id] += out.logprobs
                 if out.finished:
                     finals[out.request.id] = out
                     self._forget(out.request)
                     bar.update(1)
         return [Completion(r.prompt, "".join(texts[r.id]), ids[r.id], finals[r.id].finish_reason.value,
-                           r.prompt_len, finals[r.id].error) for r in requests]
+                           r.prompt_len, finals[r.id].error,
+                           logprobs[r.id] if r.sampling.logprobs is not None else None) for r in requests]
 
     def stream(self, prompt: str, sampling_params: SamplingParams | None = None,
                priority: Priority = Priority.ONLINE, slo_ms: int | None = None) -> Iterator[Delta]:
@@ -129,7 +140,8 @@ class LLM:
                 out: RequestOutput = outputs.get()
                 finished = out.finished
                 if out.text or out.token_ids or finished:
-                    yield Delta(out.text, out.token_ids, out.finish_reason.value if finished else None, out.error)
+                    yield Delta(out.text, out.token_ids, out.finish_reason.value if finished else None, out.error,
+                                out.logprobs if request.sampling.logprobs is not None else None)
         finally:
             if not finished:
                 self.engine.abort(request.id)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from bucketserve_client import AsyncBucketServeClient, BucketServeClient
 
 PROMPT = "The history of the city begins with"
@@ -83,3 +85,27 @@ def test_bucketserve_serve_listens_on_loopback_only_by_default(server):
     for port in (server.http, server.grpc, server.metrics):
         addresses = listening(port)
         assert addresses and addresses <= loopback, (port, addresses)
+
+
+def test_logprobs_and_penalties_as_vllm_backend_names_them(server, tokenizer, reference):
+    body = {"text_input": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True, "logprobs": 2,
+            "return_logprobs": True, "return_cumulative_logprob": True, "exclude_input_in_output": True}
+    status, raw = server.post("/v2/models/bucketserve/generate", body)
+    assert status == 200, raw
+    out = json.loads(raw)
+    tokens = json.loads(out["logprobs"])
+    assert len(tokens) == 6
+    ids = tokenizer(PROMPT).input_ids
+    greedy = reference(ids, 6)
+    for token, entry in zip(greedy, tokens):
+        chosen = entry[str(token)]
+        assert chosen["rank"] == 1 and chosen["decoded_token"] == tokenizer.decode([token])
+        assert len(entry) == 2  # greedy: the chosen token is the best alternative, plus the runner-up
+        assert all(alt["logprob"] <= chosen["logprob"] for alt in entry.values())
+    assert out["cumulative_logprob"] == pytest.approx(sum(e[str(t)]["logprob"] for t, e in zip(greedy, tokens)), abs=1e-3)
+    status, raw = server.post("/v2/models/bucketserve/generate",
+                              {**body, "sampling_parameters": json.dumps({"stop_token_ids": [greedy[2]]}),
+                               "return_finish_reason": True})
+    assert status == 200, raw
+    stopped = json.loads(raw)
+    assert stopped["finish_reason"] == "stop" and len(json.loads(stopped["logprobs"])) == greedy.index(greedy[2]) + 1

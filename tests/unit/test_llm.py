@@ -83,3 +83,28 @@ def test_generate_command_runs_a_jsonl_file(model_dir, tmp_path, capsys):
     source.write_text(json.dumps({"prompt": "hi", "top_k": -1}) + "\n")
     assert cli_main(["generate", "--input", str(source), "--output", str(target), "--model-path", str(model_dir)]) == 2
     assert "in.jsonl:1: top_k must be >= 0" in capsys.readouterr().err
+
+
+def test_logprobs_and_repetition_penalty_match_transformers(llm, model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = llm.tokenizer(PROMPTS[1]).input_ids
+    [out] = llm.generate(PROMPTS[1], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=3,
+                                                   repetition_penalty=1.3), use_tqdm=False)
+    with torch.inference_mode():
+        want = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              max_new_tokens=8, do_sample=False, repetition_penalty=1.3)[0, len(ids):].tolist()
+        # the model's own distribution at each generated position, before the penalty
+        logprobs = model(torch.tensor([ids + want])).logits[0, len(ids) - 1:-1].log_softmax(-1)
+    assert out.token_ids == want
+    assert len(out.logprobs) == 8 and out.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in out.logprobs))
+    for step, (token, lp) in enumerate(zip(want, out.logprobs)):
+        assert lp.logprob == pytest.approx(logprobs[step, token].item(), abs=1e-4)
+        assert lp.rank == int((logprobs[step] > logprobs[step, token]).sum()) + 1
+        best = logprobs[step].topk(3)
+        assert [t for t, _ in lp.top] == best.indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(best.values.tolist(), abs=1e-4)
+    [plain] = llm.generate(PROMPTS[1], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert plain.logprobs is None and plain.cumulative_logprob is None

@@ -1,10 +1,11 @@
-"""Sampling rules: greedy, min_tokens, seeded sampling independent of batch mates."""
+"""Sampling rules: greedy, min_tokens, seeded sampling independent of batch mates, penalties, logprobs."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from bucketserve.engine.request import Request, SamplingParams
+from bucketserve.engine.request import FinishReason, Request, SamplingParams
 from bucketserve.executor.sampler import Sampler
 
 EOS = 2
@@ -69,3 +70,45 @@ def test_a_seeded_row_draws_the_same_alone_or_in_a_batch():
                                                                             req(temperature=1.0, seed=7),
                                                                             req(temperature=0.0)])
     assert alone[0] == alone[1] == crowd[1]
+
+
+def test_penalties_follow_vllm_and_touch_only_their_own_rows():
+    sampler = Sampler(torch.device("cpu"), frozenset())
+    row = torch.tensor([[3.0, 2.9, 2.8, -1.0]])
+    seen = req(temperature=0.0, repetition_penalty=1.5)
+    seen.prompt_ids, seen.output_ids = [0], [3]
+    assert sampler(row.clone(), [seen]) == [1]  # 3.0 / 1.5 = 2.0 loses to 2.9; the negative logit only falls
+    repeated = req(temperature=0.0, frequency_penalty=0.1)
+    repeated.output_ids = [0]  # once: 3.0 - 0.1 = 2.9 still beats 2.85
+    assert sampler(torch.tensor([[3.0, 2.85, 0.0]]), [repeated]) == [0]
+    repeated.output_ids = [0, 0]  # twice: 2.8 loses
+    assert sampler(torch.tensor([[3.0, 2.85, 0.0]]), [repeated]) == [1]
+    present = req(temperature=0.0, presence_penalty=0.15)
+    present.output_ids = [0, 0, 0, 1]  # once per token, however often: 2.85 and 2.75 against 2.8
+    assert sampler(row.clone(), [present]) == [0]
+    plain = req(temperature=0.0)
+    present.output_ids = plain.output_ids = [0]  # 2.85 < 2.9 for the penalized row only
+    assert sampler(torch.tensor([[3.0, 2.9, 0.0]]).repeat(2, 1), [present, plain]) == [1, 0]
+
+
+def test_logprobs_are_the_models_distribution_with_rank_and_alternatives():
+    sampler = Sampler(torch.device("cpu"), frozenset())
+    raw = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, 0.0]])
+    rows = [req(temperature=0.0, logprobs=2, repetition_penalty=2.0), req(temperature=0.0)]
+    rows[0].output_ids = [1]  # penalized: 3.0 -> 1.5 loses to 2.0, but logprobs stay the model's own
+    assert sampler(raw.clone(), rows) == [2, 2]
+    taken = sampler.take_logprobs()
+    assert set(taken) == {rows[0].id} and sampler.take_logprobs() == {}
+    want = raw[0].log_softmax(-1)
+    lp = taken[rows[0].id]
+    assert lp.logprob == pytest.approx(want[2].item()) and lp.rank == 2
+    assert [t for t, _ in lp.top] == [1, 2] and lp.top[0][1] == pytest.approx(want[1].item())
+
+
+def test_stop_token_ids_are_held_back_until_min_tokens_and_then_end_the_request():
+    sampler = Sampler(torch.device("cpu"), frozenset([EOS]))
+    early = req(0, temperature=0.0, min_tokens=1, stop_token_ids=(4,))
+    assert sampler(torch.stack([logits(4)]), [early]) == [7]
+    done = req(1, temperature=0.0, min_tokens=1, stop_token_ids=(4,), ignore_eos=True)
+    assert done.append_token(4, frozenset([EOS])) is FinishReason.STOP
+    assert req(1, temperature=0.0, ignore_eos=True).append_token(EOS, frozenset([EOS])) is None

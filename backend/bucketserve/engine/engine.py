@@ -212,10 +212,11 @@ class Engine:
         for request, token in zip(out.rows, out.tokens):
             if request.finish_reason is not None:  # expired just now
                 continue
+            logprobs = out.logprobs.get(request.id)
             reason = request.append_token(token, self.executor.eos_ids)
             if reason is not None:
                 done[request.id] = reason
-            events.append(Event(request, [token], reason))
+            events.append(Event(request, [token], reason, logprobs=[logprobs] if logprobs else []))
         if out.failed:
             why = "; ".join(sorted({message for _, message in out.failed}))
             self.log(f"forward passes failed even for single rows; failing those {len(out.failed)} requests: {why}")

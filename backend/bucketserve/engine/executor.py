@@ -14,6 +14,17 @@ from bucketserve.engine.memory import KVCostModel
 from bucketserve.engine.request import Request
 
 
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log probability under the model (before penalties, temperature and filters, as
+    vLLM reports them), its rank among all tokens (1: the most likely), and the most likely alternatives."""
+
+    logprob: float
+    rank: int
+    top: tuple[tuple[int, float], ...] = ()
+    """(token id, log probability), most likely first: ``sampling.logprobs`` of them."""
+
+
 @dataclass
 class StepOutput:
     """What one prefill or decode step produced: a token per row that ran, and the rows whose forward
@@ -22,6 +33,8 @@ class StepOutput:
     rows: list[Request] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     failed: list[tuple[Request, str]] = field(default_factory=list)
+    logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
+    """By request id, for the rows whose sampling asks for log probabilities."""
 
     def add(self, rows: Sequence[Request], tokens: list[int]) -> None:
         self.rows += rows

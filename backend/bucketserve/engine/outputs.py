@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from bucketserve.engine.detokenizer import TextStream
+from bucketserve.engine.executor import TokenLogprobs
 from bucketserve.engine.request import FinishReason, Request
 
 
@@ -24,6 +25,8 @@ class Event:
     new_tokens: list[int]
     finish: FinishReason | None = None
     error: str | None = None
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    """One per new token, when the request asked for log probabilities."""
 
 
 @dataclass
@@ -37,6 +40,8 @@ class RequestOutput:
     """Set on the request's one final output."""
     error: str | None = None
     """Why the request failed (``finish_reason`` ERROR or DEADLINE), for the client."""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    """One per entry of ``token_ids`` when the request asked for log probabilities (``sampling.logprobs``)."""
 
     @property
     def finished(self) -> bool:
@@ -64,11 +69,12 @@ def coalesce(outputs: list[RequestOutput]) -> list[RequestOutput]:
         prev = latest.get(output.request.id)
         if prev is None or prev.finished or output.ends_without_text:
             latest[output.request.id] = RequestOutput(output.request, output.text, list(output.token_ids),
-                                                      output.finish_reason, output.error)
+                                                      output.finish_reason, output.error, list(output.logprobs))
             merged.append(latest[output.request.id])
             continue
         prev.text += output.text
         prev.token_ids += output.token_ids
+        prev.logprobs += output.logprobs
         prev.finish_reason, prev.error = output.finish_reason, output.error
     return merged
 
@@ -112,6 +118,7 @@ class OutputProcessor:
             text = self._texts[rid] = TextStream(self.tokenizer, event.request.sampling.stop)
         out.text += text.push(event.new_tokens)
         out.token_ids += event.new_tokens
+        out.logprobs += event.logprobs
         finish = event.finish
         if text.stopped:
             finish = FinishReason.STOP

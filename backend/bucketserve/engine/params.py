@@ -1,5 +1,5 @@
-"""Request parameters as vLLM names them (``max_tokens``, ``temperature``, ``stop``, ``priority``,
-``slo_ms``, ...), from any JSON-like mapping, into ``SamplingParams``: a clear ``InvalidInput`` for
+"""Request parameters as vLLM names them (``max_tokens``, ``temperature``, ``stop``, the penalties,
+``logprobs``, ``priority``, ``slo_ms``, ...), from any JSON-like mapping, into ``SamplingParams``: a clear ``InvalidInput`` for
 every bad key or value. JSON numbers may arrive as strings, as genai-perf sends them.
 
 Shared by the Triton adapter (``sampling_parameters`` and request parameters) and the offline
@@ -76,6 +76,17 @@ def to_stop(name: str, value: Any) -> tuple[str, ...]:
     return tuple(words)
 
 
+def to_token_ids(name: str, value: Any) -> tuple[int, ...]:
+    items = [value] if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else value
+    if not isinstance(items, (list, tuple, np.ndarray)):
+        raise InvalidInput(f"{name} must be a list of token ids, got {value!r}")
+    return tuple(to_int(name, item) for item in items)
+
+
+def to_optional_int(name: str, value: Any) -> int | None:
+    return None if value is None else to_int(name, value)
+
+
 # name in sampling_parameters / request parameters -> (field, converter)
 SAMPLING_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "max_tokens": ("max_tokens", to_int),
@@ -85,7 +96,12 @@ SAMPLING_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
     "top_p": ("top_p", to_float),
     "seed": ("seed", to_int),
     "stop": ("stop", to_stop),
+    "stop_token_ids": ("stop_token_ids", to_token_ids),
     "ignore_eos": ("ignore_eos", to_bool),
+    "presence_penalty": ("presence_penalty", to_float),
+    "frequency_penalty": ("frequency_penalty", to_float),
+    "repetition_penalty": ("repetition_penalty", to_float),
+    "logprobs": ("logprobs", to_optional_int),
     "priority": ("priority", to_int),
     "slo_ms": ("slo_ms", to_int),
 }

@@ -47,6 +47,10 @@ class FinishReason(str, enum.Enum):
     DEADLINE = "deadline"  # its timeout passed, or its first token could no longer come within slo_ms
 
 
+MAX_LOGPROBS = 20
+"""The most alternatives a request may ask for per token (vLLM's default ``max_logprobs``, OpenAI's limit)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to choose tokens and when to stop: the fields of the Triton interface and vLLM's."""
@@ -58,11 +62,25 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    """Tokens that end the request like EOS (also with ``ignore_eos``), not before ``min_tokens``."""
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token already generated (OpenAI's and vLLM's meaning)."""
+    frequency_penalty: float = 0.0
+    """Subtracted once per earlier occurrence of a token in the output."""
+    repetition_penalty: float = 1.0
+    """Divides positive and multiplies negative logits of tokens in the prompt or the output (> 1 repeats less)."""
+    logprobs: int | None = None
+    """Return each generated token's log probability and this many most likely alternatives (0: none)."""
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     def __post_init__(self) -> None:
         """A SamplingParams cannot exist with a bad value: ``InvalidInput`` names the first one."""
@@ -78,6 +96,15 @@ class SamplingParams:
             raise InvalidInput(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise InvalidInput(f"seed must be in [0, 2**64), got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise InvalidInput(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise InvalidInput(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidInput(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise InvalidInput(f"stop_token_ids must be token ids >= 0, got {list(self.stop_token_ids)}")
 
 
 def check_slo_ms(slo_ms: int | None) -> None:
@@ -118,7 +145,9 @@ class Request:
         if self.first_token_time is None:
             self.first_token_time = time.monotonic()
         self.output_ids.append(token)
-        if not self.sampling.ignore_eos and token in eos_ids and self.num_output >= self.sampling.min_tokens:
+        s = self.sampling
+        ends = token in s.stop_token_ids or (not s.ignore_eos and token in eos_ids)
+        if ends and self.num_output >= s.min_tokens:
             return FinishReason.STOP
         if self.num_output >= self.sampling.max_tokens:
             return FinishReason.LENGTH

@@ -112,6 +112,7 @@ class HFExecutor(ExecutorBase):
         only the rows that fail alone come back in ``failed``."""
         out = StepOutput()
         self._in_halves("prefill", list(batch), self._prefill_forward, lambda _rows: None, out)
+        out.logprobs = self.sampler.take_logprobs()
         return out
 
     def _prefill_forward(self, batch: list[Request]) -> list[int]:
@@ -179,6 +180,7 @@ class HFExecutor(ExecutorBase):
             for request in [r for r in self.rows if r.id in errors]:
                 out.fail([request], errors[request.id])
             self.drop(set(errors))
+        out.logprobs = self.sampler.take_logprobs()
         return out
 
     def _decode(self, kv: PaddedKVCache, rows: list[Request], errors: dict[int, Exception]) -> list[int | None]:

@@ -107,6 +107,7 @@ class PagedExecutor(ExecutorBase):
         """Run the batch's prompts packed, sample each first token, and add the rows to the running set."""
         out = StepOutput()
         self._in_halves("prefill", list(batch), self._prefill_forward, self._free, out)
+        out.logprobs = self.sampler.take_logprobs()
         return out
 
     def _prefill_forward(self, batch: list[Request]) -> list[int]:
@@ -147,6 +148,7 @@ class PagedExecutor(ExecutorBase):
         self._in_halves("decode", list(self.rows), self._decode_forward, lambda _rows: None, out)
         if out.failed:
             self.drop({r.id for r, _ in out.failed})
+        out.logprobs = self.sampler.take_logprobs()
         return out
 
     def _decode_forward(self, rows: list[Request]) -> list[int]:

@@ -1,7 +1,8 @@
-"""Next-token choice for a whole batch at once: greedy rows take the argmax; sampled rows get their
-temperature, top-k and top-p applied as batched tensor ops, then draw through the exponential race
-(the argmax of ``probs / E`` with ``E ~ Exp(1)`` per vocabulary entry, which picks token ``i`` with
-probability ``probs[i]``).
+"""Next-token choice for a whole batch at once, as batched tensor ops: log probabilities of the model's
+own distribution for the rows that ask, end tokens masked until ``min_tokens``, repetition, frequency
+and presence penalties, then the argmax for greedy rows; sampled rows get their temperature, top-k and
+top-p, and draw through the exponential race (the argmax of ``probs / E`` with ``E ~ Exp(1)`` per
+vocabulary entry, which picks token ``i`` with probability ``probs[i]``).
 
 Each sampled request draws its noise from its own generator, seeded from its ``seed``, so a seeded
 request gives the same tokens whatever else shares its batch. That noise is the one per-row operation.
@@ -14,17 +15,26 @@ from typing import Sequence
 
 import torch
 
+from bucketserve.engine.executor import TokenLogprobs
 from bucketserve.engine.request import Request
 
 
 class Sampler:
     def __init__(self, device: torch.device, eos_ids: frozenset[int]):
         self.device = device
-        self.eos_ids = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
+        self.eos_ids = sorted(eos_ids)
         self._generators: dict[int, torch.Generator] = {}
+        self._prompt_tokens: dict[int, torch.Tensor] = {}
+        self._logprobs: dict[int, TokenLogprobs] = {}
 
     def forget(self, request_id: int) -> None:
         self._generators.pop(request_id, None)
+        self._prompt_tokens.pop(request_id, None)
+
+    def take_logprobs(self) -> dict[int, TokenLogprobs]:
+        """The log probabilities of the tokens chosen since the last call, by request id."""
+        taken, self._logprobs = self._logprobs, {}
+        return taken
 
     def _generator(self, request: Request) -> torch.Generator:
         gen = self._generators.get(request.id)
@@ -37,15 +47,56 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, requests: Sequence[Request]) -> list[int]:
         """``logits``: [batch, vocab] for the last position of each row, in ``requests`` order."""
         logits = logits.float()
-        early = [row for row, r in enumerate(requests) if r.num_output < r.sampling.min_tokens]
-        if early and len(self.eos_ids):
-            logits[torch.tensor(early, device=logits.device)[:, None], self.eos_ids] = -float("inf")
+        dev = logits.device
+        wanted = [row for row, r in enumerate(requests) if r.sampling.logprobs is not None]
+        logprobs = logits.index_select(0, torch.tensor(wanted, device=dev)).log_softmax(-1) if wanted else None
+        self._mask_end_tokens(logits, requests)
+        penalized = [row for row, r in enumerate(requests) if r.sampling.penalized]
+        if penalized:
+            self._penalize(logits, [requests[row] for row in penalized], torch.tensor(penalized, device=dev))
         tokens = logits.argmax(dim=-1)
         sampled = [row for row, r in enumerate(requests) if not r.sampling.greedy]
         if sampled:
-            rows = torch.tensor(sampled, device=logits.device)
+            rows = torch.tensor(sampled, device=dev)
             tokens[rows] = self._sample(logits.index_select(0, rows), [requests[row] for row in sampled])
-        return tokens.tolist()
+        chosen = tokens.tolist()
+        if logprobs is not None:
+            self._record(logprobs, [requests[row] for row in wanted], [chosen[row] for row in wanted])
+        return chosen
+
+    def _mask_end_tokens(self, logits: torch.Tensor, requests: Sequence[Request]) -> None:
+        """Before ``min_tokens`` neither EOS nor a stop token may be chosen."""
+        for row, r in enumerate(requests):
+            if r.num_output < r.sampling.min_tokens:
+                ends = self.eos_ids + list(r.sampling.stop_token_ids)
+                if ends:
+                    logits[row, torch.tensor(ends, device=logits.device)] = -float("inf")
+
+    def _penalize(self, logits: torch.Tensor, requests: list[Request], rows: torch.Tensor) -> None:
+        """vLLM's penalties: repetition over prompt and output tokens, frequency and presence over the output."""
+        dev, vocab = logits.device, logits.shape[-1]
+        part = logits.index_select(0, rows)
+        longest = max(1, max(r.num_output for r in requests))
+        outputs = torch.full((len(requests), longest), vocab, dtype=torch.long)  # ``vocab``: a padding column
+        for i, r in enumerate(requests):
+            outputs[i, :r.num_output] = torch.tensor(r.output_ids, dtype=torch.long)
+        counts = torch.zeros(len(requests), vocab + 1, device=dev).scatter_add_(
+            1, outputs.to(dev), torch.ones(outputs.shape, device=dev))[:, :vocab]
+        seen = counts > 0
+        for i, r in enumerate(requests):
+            seen[i, self._prompt_tokens_of(r)] = True
+        repetition = torch.tensor([r.sampling.repetition_penalty for r in requests], device=dev)[:, None]
+        penalized = torch.where(part > 0, part / repetition, part * repetition)
+        part = torch.where(seen, penalized, part)
+        part -= torch.tensor([r.sampling.frequency_penalty for r in requests], device=dev)[:, None] * counts
+        part -= torch.tensor([r.sampling.presence_penalty for r in requests], device=dev)[:, None] * (counts > 0)
+        logits[rows] = part
+
+    def _prompt_tokens_of(self, request: Request) -> torch.Tensor:
+        tokens = self._prompt_tokens.get(request.id)
+        if tokens is None:
+            tokens = self._prompt_tokens[request.id] = torch.tensor(sorted(set(request.prompt_ids)), device=self.device)
+        return tokens
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         dev, vocab = logits.device, logits.shape[-1]
@@ -67,3 +118,14 @@ class Sampler:
         for row, request in enumerate(requests):
             noise[row].exponential_(generator=self._generator(request))
         return (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+
+    def _record(self, logprobs: torch.Tensor, requests: list[Request], chosen: list[int]) -> None:
+        """Each chosen token's log probability and rank, and the rows' top alternatives, in one batched pass."""
+        picked = logprobs.gather(1, torch.tensor(chosen, device=logprobs.device)[:, None])
+        ranks = ((logprobs > picked).sum(dim=-1) + 1).tolist()
+        most = max(r.sampling.logprobs or 0 for r in requests)
+        top_values, top_ids = logprobs.topk(most, dim=-1) if most else (logprobs[:, :0], logprobs[:, :0].long())
+        top_values, top_ids, picked = top_values.tolist(), top_ids.tolist(), picked[:, 0].tolist()
+        for i, r in enumerate(requests):
+            n = r.sampling.logprobs or 0
+            self._logprobs[r.id] = TokenLogprobs(picked[i], ranks[i], tuple(zip(top_ids[i][:n], top_values[i][:n])))

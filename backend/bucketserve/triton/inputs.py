@@ -18,7 +18,7 @@ from bucketserve.engine.request import InvalidInput, Priority, SamplingParams
 
 # input tensor name -> (field, converter): sampling_parameters' keys, and the TRT-LLM names genai-perf sends
 TENSOR_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
-    **{name: entry for name, entry in SAMPLING_KEYS.items() if name != "stop"},
+    **{name: entry for name, entry in SAMPLING_KEYS.items() if name not in ("stop", "stop_token_ids", "logprobs")},
     "min_length": ("min_tokens", to_int),
     "stop_words": ("stop", to_stop),
 }
@@ -29,6 +29,8 @@ OPTION_TENSORS = (
     "return_finish_reason",
     "return_num_input_tokens",
     "return_num_output_tokens",
+    "return_logprobs",
+    "return_cumulative_logprob",
 )
 
 
@@ -73,6 +75,8 @@ class OutputOptions:
     return_finish_reason: bool = False
     return_num_input_tokens: bool = False
     return_num_output_tokens: bool = False
+    return_logprobs: bool = False
+    return_cumulative_logprob: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,8 @@ def parse_request(
     if stream and not exclude:
         raise InvalidInput("exclude_input_in_output=false is not allowed when streaming")
     options = OutputOptions(stream=stream, exclude_input_in_output=exclude, **flags)
+    if (options.return_logprobs or options.return_cumulative_logprob) and values.get("logprobs") is None:
+        values["logprobs"] = 0  # the generated tokens' own log probabilities, no alternatives
 
     sampling, priority, slo_ms = request_fields(values, default_max_tokens, default_temperature)
     return ParsedInput(prompt, sampling, options, priority, slo_ms)

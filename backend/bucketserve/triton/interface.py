@@ -23,6 +23,8 @@ INPUTS: tuple[tuple[str, str, list[int]], ...] = (
     ("return_finish_reason", "TYPE_BOOL", [1]),
     ("return_num_input_tokens", "TYPE_BOOL", [1]),
     ("return_num_output_tokens", "TYPE_BOOL", [1]),
+    ("return_logprobs", "TYPE_BOOL", [1]),
+    ("return_cumulative_logprob", "TYPE_BOOL", [1]),
 )
 REQUIRED_INPUTS = ("text_input",)
 OUTPUTS: tuple[tuple[str, str, list[int]], ...] = (
@@ -30,6 +32,8 @@ OUTPUTS: tuple[tuple[str, str, list[int]], ...] = (
     ("finish_reason", "TYPE_STRING", [-1]),
     ("num_input_tokens", "TYPE_UINT32", [1]),
     ("num_output_tokens", "TYPE_UINT32", [-1]),
+    ("logprobs", "TYPE_STRING", [-1]),
+    ("cumulative_logprob", "TYPE_FP32", [-1]),
 )
 INPUT_NAMES = tuple(name for name, _, _ in INPUTS)
 

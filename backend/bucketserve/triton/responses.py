@@ -7,16 +7,18 @@ final response: later outputs for it are dropped.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from bucketserve.engine.engine import Engine
+from bucketserve.engine.executor import TokenLogprobs
 from bucketserve.engine.outputs import RequestOutput, coalesce
 from bucketserve.engine.request import FinishReason, Request
 from bucketserve.triton.inputs import OutputOptions
@@ -35,10 +37,23 @@ class ClientStream:
     sender: Any
     pending_text: str = ""  # not yet sent: everything so far (non-streaming), or since the last response
     pending_tokens: int = 0
+    pending_logprobs: list[tuple[int, TokenLogprobs]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    """Of the tokens already given to this stream (the engine may be ahead of it)."""
     last_sent: float | None = None
     done: bool = False
 
-    def response(self, text: str, finish: FinishReason | None) -> Any:
+    def logprobs_json(self, decode: Callable[[int], str]) -> str:
+        """vllm_backend's shape: per token, the chosen token and its alternatives by id."""
+        tokens = []
+        for token, lp in self.pending_logprobs:
+            entry = {str(token): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": decode(token)}}
+            for rank, (alternative, logprob) in enumerate(lp.top, start=1):
+                entry.setdefault(str(alternative), {"logprob": logprob, "rank": rank, "decoded_token": decode(alternative)})
+            tokens.append(entry)
+        return json.dumps(tokens)
+
+    def response(self, text: str, finish: FinishReason | None, decode: Callable[[int], str]) -> Any:
         opts = self.options
         tensors = [pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_))]
         if opts.return_finish_reason and finish is not None:
@@ -47,7 +62,13 @@ class ClientStream:
             tensors.append(pb_utils.Tensor("num_input_tokens", np.array([self.request.prompt_len], dtype=np.uint32)))
         if opts.return_num_output_tokens:
             tensors.append(pb_utils.Tensor("num_output_tokens", np.array([self.pending_tokens], dtype=np.uint32)))
+        if opts.return_logprobs:
+            tensors.append(pb_utils.Tensor("logprobs", np.array([self.logprobs_json(decode).encode()], dtype=np.object_)))
+        if opts.return_cumulative_logprob:
+            tensors.append(pb_utils.Tensor("cumulative_logprob",
+                                           np.array([self.cumulative_logprob], dtype=np.float32)))
         self.pending_tokens = 0
+        self.pending_logprobs = []
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
 
@@ -63,6 +84,8 @@ class ResponseThread:
         self.on_tick = on_tick
         self._queue: queue.Queue = queue.Queue()
         self._streams: dict[int, ClientStream] = {}
+        tokenizer = engine.tokenizer.tokenizer
+        self._decode: Callable[[int], str] = lambda token: tokenizer.decode([token])
         self._thread = threading.Thread(target=self._loop, name="bucketserve-responses", daemon=True)
 
     def start(self) -> None:
@@ -138,7 +161,7 @@ class ResponseThread:
         finish = output.finish_reason
         if output.ends_without_text:
             if stream.options.stream and stream.pending_text:  # what came before the failure still arrives
-                self._send(stream, stream.response(stream.pending_text, None), final=False)
+                self._send(stream, stream.response(stream.pending_text, None, self._decode), final=False)
             if output.error is not None:
                 code = pb_utils.TritonError.UNAVAILABLE if finish is FinishReason.DEADLINE else pb_utils.TritonError.INTERNAL
                 self._send(stream, error_response(output.error, code), final=True)
@@ -146,17 +169,19 @@ class ResponseThread:
                 self._send(stream, error_response("request was cancelled", pb_utils.TritonError.CANCELLED), final=True)
             return
         stream.pending_tokens += len(output.token_ids)
+        stream.pending_logprobs += zip(output.token_ids, output.logprobs)
+        stream.cumulative_logprob += sum(lp.logprob for lp in output.logprobs)
         stream.pending_text += output.text
         if stream.options.stream:
             now = time.monotonic()
             due = stream.last_sent is None or now - stream.last_sent >= self.stream_interval_s
             if finish is not None or (stream.pending_text and due):
-                self._send(stream, stream.response(stream.pending_text, finish), final=finish is not None)
+                self._send(stream, stream.response(stream.pending_text, finish, self._decode), final=finish is not None)
                 stream.pending_text, stream.last_sent = "", now
             return
         if finish is not None:
             text = stream.pending_text if stream.options.exclude_input_in_output else stream.request.prompt + stream.pending_text
-            self._send(stream, stream.response(text, finish), final=True)
+            self._send(stream, stream.response(text, finish, self._decode), final=True)
 
     def _poll_cancelled(self) -> None:
         for stream in list(self._streams.values()):
