@@ -16,7 +16,7 @@ import numpy as np
 
 GOOD = "The history of the city begins with"
 HUGE = "word " * 5000  # ~5,000 tokens: beyond the 2,048-token context
-DTYPES = {"BOOL": np.bool_, "INT32": np.int32, "FP32": np.float32, "UINT64": np.uint64}
+DTYPES = {"BOOL": np.bool_, "INT32": np.int32, "INT64": np.int64, "FP32": np.float32, "UINT64": np.uint64}
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,9 @@ CASES: list[Case] = [
     tensor("priority tensor out of range", "priority", [5], "INT32", "priority must be one of"),
     tensor("slo_ms tensor zero", "slo_ms", [0], "INT32", "slo_ms must be >= 1"),
     tensor("stop_words as INT32", "stop_words", [1, 2], "INT32", "stop_words"),
+    tensor("negative prompt_token_ids", "prompt_token_ids", [5, -1], "INT64", "prompt_token_ids must be >= 0"),
+    tensor("prompt_token_ids beyond the vocabulary", "prompt_token_ids", [5, 10**9], "INT64", "is not in the vocabulary",
+           parsed=False),
     # Triton checks shapes against the config before the model sees the request
     tensor("max_tokens tensor with two elements", "max_tokens", [4, 5], "INT32", "unexpected shape for input 'max_tokens'",
            parsed=False),

@@ -20,7 +20,7 @@ from .conftest import post_json
 def inputs_of(case: Case) -> list[grpcclient.InferInput]:
     inputs = []
     for name, array in case.arrays().items():
-        dtype = "BYTES" if array.dtype == np.object_ else {np.bool_: "BOOL", np.int32: "INT32", np.float32: "FP32",
+        dtype = "BYTES" if array.dtype == np.object_ else {np.bool_: "BOOL", np.int32: "INT32", np.int64: "INT64", np.float32: "FP32",
                                                             np.uint64: "UINT64"}[array.dtype.type]
         t = grpcclient.InferInput(name, list(array.shape), dtype)
         t.set_data_from_numpy(array)

@@ -75,6 +75,8 @@ class Engine:
             prompt_ids = self.tokenizer.encode(prompt)
         elif not prompt_ids:
             raise InvalidInput("the prompt has no tokens")
+        elif max(prompt_ids) >= self.tokenizer.vocab_size:
+            raise InvalidInput(f"prompt token id {max(prompt_ids)} is not in the vocabulary ({self.tokenizer.vocab_size} tokens)")
         check_lengths(len(prompt_ids), sampling.max_tokens, self.max_model_len)
         request = Request(prompt, prompt_ids, sampling, Priority.parse(priority), slo_ms, timeout_ms)
         reason = self.scheduler.too_big(request)

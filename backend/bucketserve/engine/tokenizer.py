@@ -17,7 +17,10 @@ class PromptTokenizer:
         self.tokenizer = tokenizer
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
         # no token stands for more bytes of text than its own spelling takes: an upper bound per token
-        self.max_token_bytes = max((len(t.encode("utf-8")) for t in tokenizer.get_vocab()), default=1)
+        vocab = tokenizer.get_vocab()
+        self.max_token_bytes = max((len(t.encode("utf-8")) for t in vocab), default=1)
+        self.vocab_size = max(vocab.values(), default=-1) + 1
+        """Prompt token ids given by a client must be below this."""
 
     def encode(self, text: str) -> list[int]:
         """Prompt ids with the model's special tokens."""

@@ -35,6 +35,11 @@ class ModelSpec:
     tokenizer_corpus_bytes: int = 6_000_000
 
 
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+"""A plain role-tagged template, so that chat clients work with the default model."""
+
+
 def build_tokenizer(spec: ModelSpec, out_dir: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -57,6 +62,7 @@ def build_tokenizer(spec: ModelSpec, out_dir: Path) -> None:
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
         model_max_length=spec.max_position_embeddings,
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out_dir)
 
 

@@ -50,7 +50,7 @@ def _parse_json_object(name: str, text: str | bytes) -> dict[str, Any]:
     return value
 
 
-def decode_prompt(array: np.ndarray | None) -> str:
+def decode_prompt(array: np.ndarray | None, ids_given: bool = False) -> str:
     if array is None:
         raise InvalidInput("input text_input is required")
     raw = _scalar("text_input", array)
@@ -61,9 +61,22 @@ def decode_prompt(array: np.ndarray | None) -> str:
             raise InvalidInput("text_input is not valid UTF-8") from None
     if not isinstance(raw, str):
         raise InvalidInput("text_input must be a string")
-    if not raw:
+    if not raw and not ids_given:
         raise InvalidInput("text_input is empty")
     return raw
+
+
+def prompt_ids_of(array: np.ndarray | None) -> list[int] | None:
+    if array is None:
+        return None
+    ids = array.reshape(-1)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise InvalidInput(f"prompt_token_ids must be integers, got {ids.dtype}")
+    if ids.size == 0:
+        raise InvalidInput("prompt_token_ids is empty")
+    if int(ids.min()) < 0:
+        raise InvalidInput("prompt_token_ids must be >= 0")
+    return [int(i) for i in ids]
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,8 @@ class ParsedInput:
     options: OutputOptions
     priority: Priority
     slo_ms: int | None
+    prompt_ids: list[int] | None = None
+    """Given as token ids: the engine uses these, ``prompt`` is only echoed."""
 
 
 def parse_request(
@@ -95,7 +110,8 @@ def parse_request(
     default_temperature: float,
 ) -> ParsedInput:
     """Merge the three sources (tensors > sampling_parameters > request parameters) and validate."""
-    prompt = decode_prompt(tensors.get("text_input"))
+    prompt_ids = prompt_ids_of(tensors.get("prompt_token_ids"))
+    prompt = decode_prompt(tensors.get("text_input"), ids_given=prompt_ids is not None)
     values = from_mapping("parameters", request_parameters, ignore_prefix="triton_")
     if "sampling_parameters" in tensors:
         raw = _scalar("sampling_parameters", tensors["sampling_parameters"])
@@ -116,4 +132,4 @@ def parse_request(
         values["logprobs"] = 0  # the generated tokens' own log probabilities, no alternatives
 
     sampling, priority, slo_ms = request_fields(values, default_max_tokens, default_temperature)
-    return ParsedInput(prompt, sampling, options, priority, slo_ms)
+    return ParsedInput(prompt, sampling, options, priority, slo_ms, prompt_ids)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 INPUTS: tuple[tuple[str, str, list[int]], ...] = (
     ("text_input", "TYPE_STRING", [1]),
+    ("prompt_token_ids", "TYPE_INT64", [-1]),
     ("stream", "TYPE_BOOL", [1]),
     ("sampling_parameters", "TYPE_STRING", [1]),
     ("exclude_input_in_output", "TYPE_BOOL", [1]),

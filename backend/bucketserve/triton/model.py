@@ -79,7 +79,8 @@ class TritonPythonModel:
                                self.config.default_max_tokens, self.config.default_temperature)
         timeout_us = triton_request.timeout()
         request = self.engine.make_request(parsed.prompt, parsed.sampling, parsed.priority, parsed.slo_ms,
-                                           timeout_ms=timeout_us / 1000 if timeout_us else None)
+                                           timeout_ms=timeout_us / 1000 if timeout_us else None,
+                                           prompt_ids=parsed.prompt_ids)
         return request, parsed.options
 
     def execute(self, requests: list[Any]) -> None:
