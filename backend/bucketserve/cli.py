@@ -25,7 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         return server.serve(args.model_repository, args.model_path, args.http_port, args.grpc_port,
                             args.metrics_port, args.address, args.ready_timeout, args.tritonserver_arg,
-                            args.stub_watch_s)
+                            args.stub_watch_s, args.openai_port)
     except server.LaunchError as e:
         print(f"[bucketserve] ERROR: {e}", file=sys.stderr)
         return 1
@@ -41,6 +41,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--http-port", type=int, default=8000)
     s.add_argument("--grpc-port", type=int, default=8001)
     s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--openai-port", type=int, default=0,
+                   help="also serve OpenAI's API (/v1/chat/completions, /v1/completions) on this port, on the same "
+                        "address; it starts once Triton is READY and stops with it (0: off). "
+                        "API key: $BUCKETSERVE_API_KEY")
     s.add_argument("--address", default="127.0.0.1",
                    help="address all three ports listen on (default loopback; 0.0.0.0 to expose them)")
     s.add_argument("--ready-timeout", type=float, default=600.0, help="seconds to wait for READY")

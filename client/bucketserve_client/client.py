@@ -34,8 +34,10 @@ class Completion:
     num_output_tokens: int | None
 
 
-def build_inputs(prompt: str, stream: bool, sampling: dict[str, Any], echo: bool = False) -> list[grpcclient.InferInput]:
-    """Tensors for one request; ``echo`` prepends the prompt to a non-streamed completion."""
+def build_inputs(prompt: str, stream: bool, sampling: dict[str, Any], echo: bool = False,
+                 prompt_ids: list[int] | None = None, logprobs: bool = False) -> list[grpcclient.InferInput]:
+    """Tensors for one request; ``echo`` prepends the prompt to a non-streamed completion; ``prompt_ids`` gives
+    the prompt as token ids (``prompt`` is then only echoed); ``logprobs`` asks for the ``logprobs`` output."""
     def tensor(name: str, value: np.ndarray, dtype: str) -> grpcclient.InferInput:
         t = grpcclient.InferInput(name, list(value.shape), dtype)
         t.set_data_from_numpy(value)
@@ -46,10 +48,14 @@ def build_inputs(prompt: str, stream: bool, sampling: dict[str, Any], echo: bool
         tensor("stream", np.array([stream]), "BOOL"),
         tensor("exclude_input_in_output", np.array([not echo]), "BOOL"),
     ]
+    if prompt_ids is not None:
+        inputs.append(tensor("prompt_token_ids", np.array(prompt_ids, dtype=np.int64), "INT64"))
     if sampling:
         inputs.append(tensor("sampling_parameters", np.array([json.dumps(sampling).encode()], dtype=np.object_), "BYTES"))
     for name in ("return_finish_reason", "return_num_input_tokens", "return_num_output_tokens"):
         inputs.append(tensor(name, np.array([True]), "BOOL"))
+    if logprobs:
+        inputs.append(tensor("return_logprobs", np.array([True]), "BOOL"))
     return inputs
 
 
@@ -69,6 +75,12 @@ def response_fields(result: Any) -> tuple[str, str | None, int | None, int | Non
         int(n_in.reshape(-1)[0]) if n_in is not None else None,
         int(n_out.sum()) if n_out is not None else None,
     )
+
+
+def response_logprobs(result: Any) -> list[dict[str, dict[str, Any]]]:
+    """Per token of one response: {token id: {logprob, rank, decoded_token}}, the chosen token first."""
+    raw = result.as_numpy("logprobs")
+    return [] if raw is None else json.loads(raw.reshape(-1)[0])
 
 
 def completion(responses: list[tuple[str, str | None, int | None, int | None]]) -> Completion:

@@ -31,9 +31,10 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def post_json(url: str, body: dict) -> tuple[int, str]:
+def post_json(url: str, body: dict, headers: dict[str, str] | None = None) -> tuple[int, str]:
     """POST a JSON body; (status, body text), also for error statuses."""
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, r.read().decode()
@@ -48,6 +49,8 @@ class Server:
     metrics: int
     proc: subprocess.Popen
     log: Path
+    openai: int = 0
+    """The OpenAI gateway's port (``serve --openai-port``), 0 when not started."""
 
     @property
     def grpc_url(self) -> str:
@@ -69,15 +72,17 @@ class Server:
 
 
 def start_server(model_path: Path, log: Path, timeout: float = 300, repository: Path | None = None,
-                 env: dict[str, str] | None = None) -> Server:
-    http, grpc, metrics = free_ports(3)
+                 env: dict[str, str] | None = None, openai: bool = False) -> Server:
+    http, grpc, metrics, openai_port = free_ports(4)
     cmd = [sys.executable, "-m", "bucketserve.cli", "serve", "--model-path", str(model_path),
            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    if openai:
+        cmd += ["--openai-port", str(openai_port)]
     if repository is not None:
         cmd += ["--model-repository", str(repository)]
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT,
                             env=None if env is None else {**os.environ, **env})
-    server = Server(http, grpc, metrics, proc, log)
+    server = Server(http, grpc, metrics, proc, log, openai_port if openai else 0)
     deadline = time.monotonic() + timeout
     while "[bucketserve] READY" not in log.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -94,7 +99,7 @@ def stop_server(server: Server) -> int:
 
 @pytest.fixture(scope="session")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    s = start_server(model_dir, tmp_path_factory.mktemp("server") / "server.log")
+    s = start_server(model_dir, tmp_path_factory.mktemp("server") / "server.log", openai=True)
     yield s
     # a request or stream left behind keeps the model from unloading: Triton then exits 1 after its timeout
     assert stop_server(s) == 0, f"server did not stop cleanly:\n{s.log.read_text()[-3000:]}"

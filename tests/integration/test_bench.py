@@ -24,16 +24,18 @@ PROMPT = "def parse(text):\n    return"
 
 
 @pytest.fixture(scope="module")
-def gateway(server, tmp_path_factory):
+def gateway(server, model_dir, tmp_path_factory):
+    """The gateway on its own (`bucketserve openai-gateway`)."""
     (port,) = free_ports(1)
     log = tmp_path_factory.mktemp("gateway") / "gateway.log"
     proc = subprocess.Popen([sys.executable, "-m", "bucketserve.cli", "openai-gateway", "--url", server.grpc_url,
-                             "--port", str(port)], stdout=log.open("w"), stderr=subprocess.STDOUT)
+                             "--port", str(port), "--tokenizer", str(model_dir)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
 
     def up() -> bool:
         assert proc.poll() is None, f"gateway exited:\n{log.read_text()}"
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
                 return True
         except (urllib.error.URLError, OSError):
             return False

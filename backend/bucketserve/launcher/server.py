@@ -125,9 +125,31 @@ def watch_stubs(proc: subprocess.Popen, watch: StubWatch, stopping: threading.Ev
     return proc.returncode
 
 
+def start_gateway(address: str, grpc_port: int, port: int, model_path: Path | None) -> subprocess.Popen:
+    """The OpenAI gateway beside tritonserver, on the same address, talking to it over loopback gRPC."""
+    from bucketserve_client.defaults import default_model_dir
+
+    tokenizer = model_path.resolve() if model_path is not None else default_model_dir()
+    grpc_host = "127.0.0.1" if address in ("0.0.0.0", "::", "") else address
+    argv = [sys.executable, "-m", "bucketserve.cli", "openai-gateway", "--url", f"{grpc_host}:{grpc_port}",
+            "--host", address, "--port", str(port), "--tokenizer", str(tokenizer)]
+    gateway = subprocess.Popen(argv)
+    host = f"[{grpc_host}]" if ":" in grpc_host else grpc_host
+    while gateway.poll() is None:  # READY means every port answers
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2):
+                break
+        except urllib.error.HTTPError:
+            break  # it answers: 503 until Triton is ready for it
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.25)
+    return gateway
+
+
 def serve(model_repository: Path, model_path: Path | None, http_port: int, grpc_port: int, metrics_port: int,
-          address: str, ready_timeout: float, extra: list[str], stub_watch_s: float = 1.0) -> int:
-    """Run tritonserver until it exits or we are signalled; return its exit code."""
+          address: str, ready_timeout: float, extra: list[str], stub_watch_s: float = 1.0, openai_port: int = 0) -> int:
+    """Run tritonserver (and the OpenAI gateway, if ``openai_port``) until it exits or we are signalled;
+    return its exit code."""
     with tempfile.TemporaryDirectory(prefix="bucketserve-backends-") as tmp:
         cmd = build_command(model_repository.resolve(), Path(tmp), http_port, grpc_port, metrics_port,
                             address, extra)
@@ -171,11 +193,24 @@ def serve(model_repository: Path, model_path: Path | None, http_port: int, grpc_
                 proc.wait(30)
                 return 1
             time.sleep(0.25)
+        gateway = start_gateway(address, grpc_port, openai_port, model_path) if openai_port else None
+        if gateway is not None and gateway.poll() is not None:
+            print(f"[bucketserve] ERROR: the OpenAI gateway exited with code {gateway.returncode}", file=sys.stderr,
+                  flush=True)
+            proc.terminate()
+            proc.wait(30)
+            return 1
+        openai = f", OpenAI http://{address}:{openai_port}/v1" if gateway else ""
         print(f"[bucketserve] READY: HTTP {address}:{http_port}, gRPC {address}:{grpc_port}, "
-              f"metrics {address}:{metrics_port}", flush=True)
-        if stub_watch_s > 0:
-            code = watch_stubs(proc, StubWatch(proc.pid), stopping, stub_watch_s)
-        else:
-            code = proc.wait()
+              f"metrics {address}:{metrics_port}{openai}", flush=True)
+        try:
+            if stub_watch_s > 0:
+                code = watch_stubs(proc, StubWatch(proc.pid), stopping, stub_watch_s)
+            else:
+                code = proc.wait()
+        finally:
+            if gateway is not None:
+                gateway.terminate()
+                gateway.wait(30)
         print(f"[bucketserve] tritonserver exited with code {code}", flush=True)
         return code

@@ -1,75 +1,62 @@
-"""`bucketserve openai-gateway`: an OpenAI-compatible ``/v1/completions`` endpoint in front of
-Triton, so tools written for vLLM's server (and our bench's ``openai://`` target) reach BucketServe.
+"""`bucketserve openai-gateway` (or `bucketserve serve --openai-port`): OpenAI's API in front of Triton, so
+clients written for OpenAI or vLLM (the ``openai`` SDK, LangChain, our bench's ``openai://`` target) reach
+BucketServe: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models`` and ``/health``.
 
-Each HTTP request becomes one gRPC stream to Triton; streamed completions are Server-Sent Events
-(``data: {chunk}`` ... ``data: [DONE]``). A client that disconnects has its Triton request
-cancelled. Parameters OpenAI defines but the engine lacks (``n`` > 1, ``logprobs``, ``best_of``)
-are refused with 400 rather than ignored.
+Each HTTP request becomes one gRPC stream to Triton; streamed answers are Server-Sent Events
+(``data: {chunk}`` ... ``data: [DONE]``). A client that disconnects has its Triton request cancelled.
+Chat messages go through the model's chat template here, with the model's own tokenizer, and reach
+the server as token ids. Errors come in OpenAI's shape with the status its SDKs act on (see protocol.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hmac
 import json
+import os
 import time
 import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from bucketserve_client.client import build_inputs, response_fields
+from bucketserve.openai.protocol import (OpenAIError, Parsed, chat_logprobs, chat_request, completion_logprobs,
+                                         completion_request, from_triton)
+from bucketserve_client.client import build_inputs, response_fields, response_logprobs
 
-# OpenAI / vLLM name -> our sampling_parameters key
-PASSED = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-          "seed": "seed", "stop": "stop", "ignore_eos": "ignore_eos", "min_tokens": "min_tokens",
-          "priority": "priority", "slo_ms": "slo_ms"}
-REFUSED = {"n": 1, "best_of": 1, "logprobs": None, "suffix": None}
-"""Parameters accepted only at these values."""
-OPENAI_DEFAULTS = {"max_tokens": 16, "temperature": 1.0}
-HTTP_STATUS = {"StatusCode.INVALID_ARGUMENT": 400, "StatusCode.UNAVAILABLE": 503, "StatusCode.NOT_FOUND": 404,
-               "StatusCode.RESOURCE_EXHAUSTED": 429, "StatusCode.INTERNAL": 500}
+API_KEY_ENV = "BUCKETSERVE_API_KEY"
 
 
-def http_status(error: Any) -> int:
-    """Errors on a gRPC stream carry no status code; one that comes before any response is the server
-    refusing the request (the backend validates before it generates), hence 400."""
-    return HTTP_STATUS.get(str(error.status()), 400)
+class Part:
+    """One Triton response: text, finish reason, token counts and log probabilities."""
+
+    def __init__(self, result: Any, logprobs: bool):
+        self.text, self.finish_reason, self.prompt_tokens, self.completion_tokens = response_fields(result)
+        self.logprobs = response_logprobs(result) if logprobs else []
 
 
-class BadRequest(ValueError):
-    pass
-
-
-def _error(status: int, message: str) -> web.Response:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return web.json_response({"error": {"message": message, "type": kind, "code": status}}, status=status)
-
-
-def sampling_of(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The prompt and our sampling parameters from a completions body (OpenAI's defaults where absent)."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise BadRequest("prompt must be a string (or a list of exactly one string)")
-    for key, allowed in REFUSED.items():
-        if body.get(key, allowed) not in (allowed, None):
-            raise BadRequest(f"{key}={body[key]!r} is not supported (only {allowed!r})")
-    sampling = dict(OPENAI_DEFAULTS)
-    sampling.update({ours: body[theirs] for theirs, ours in PASSED.items() if body.get(theirs) is not None})
-    return prompt, sampling
+def usage(parts: list[Part]) -> dict[str, int]:
+    prompt_tokens = next((p.prompt_tokens for p in parts if p.prompt_tokens is not None), 0)
+    completion_tokens = sum(p.completion_tokens or 0 for p in parts)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 class Gateway:
-    def __init__(self, triton_url: str, models: list[str]):
+    def __init__(self, triton_url: str, models: list[str], tokenizer_path: str, api_key: str | None = None):
         self.triton_url = triton_url
         self.models = models
+        self.tokenizer_path = tokenizer_path
+        self.api_key = api_key
         self.client: Any = None
+        self.tokenizer: Any = None
 
     async def start(self, _app: web.Application) -> None:
         import tritonclient.grpc.aio as grpcaio
+        from transformers import AutoTokenizer
 
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
         self.client = grpcaio.InferenceServerClient(self.triton_url)
         if not self.models:
             index = await self.client.get_model_repository_index(as_json=True)
@@ -78,18 +65,53 @@ class Gateway:
     async def stop(self, _app: web.Application) -> None:
         await self.client.close()
 
+    @web.middleware
+    async def errors_and_auth(self, request: web.Request,
+                              handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if self.api_key and request.path != "/health":
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                return OpenAIError(401, "invalid or missing API key (Authorization: Bearer ...)").response()
+        try:
+            return await handler(request)
+        except OpenAIError as e:
+            return e.response()
+        except web.HTTPException:
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug here answers this request with a 500, nothing more
+            return OpenAIError(500, f"internal error in the gateway: {type(e).__name__}: {e}").response()
+
+    async def health(self, _request: web.Request) -> web.Response:
+        try:
+            ready = await self.client.is_server_ready()
+        except Exception:  # noqa: BLE001 - not reachable is not ready
+            ready = False
+        return web.json_response({"status": "ok" if ready else "unavailable"}, status=200 if ready else 503)
+
     async def list_models(self, _request: web.Request) -> web.Response:
         now = int(time.time())
         return web.json_response({"object": "list", "data": [
             {"id": m, "object": "model", "created": now, "owned_by": "bucketserve"} for m in self.models]})
 
-    async def _responses(self, model: str, prompt: str, sampling: dict[str, Any],
-                         echo: bool) -> AsyncIterator[tuple[str, str | None, int | None, int | None]]:
+    async def _body(self, request: web.Request) -> tuple[dict[str, Any], str]:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError as e:
+            raise OpenAIError(400, f"body is not JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise OpenAIError(400, "body must be a JSON object")
+        model = body.get("model") or (self.models[0] if self.models else "")
+        if model not in self.models:
+            raise OpenAIError(404, f"model {model!r} does not exist; models: {self.models}", "model")
+        return body, model
+
+    async def _parts(self, model: str, parsed: Parsed) -> AsyncIterator[Part]:
         from tritonclient.utils import InferenceServerException
 
         async def requests() -> AsyncIterator[dict]:
-            yield {"model_name": model, "inputs": build_inputs(prompt, True, sampling, echo),
-                   "enable_empty_final_response": True}
+            inputs = build_inputs(parsed.prompt.text, True, parsed.sampling, prompt_ids=parsed.prompt.ids,
+                                  logprobs=parsed.logprobs is not None)
+            yield {"model_name": model, "inputs": inputs, "enable_empty_final_response": True}
 
         call = self.client.stream_infer(requests())
         failure = None
@@ -100,7 +122,7 @@ class Gateway:
                 if error is not None:
                     failure = failure or error
                     continue
-                yield response_fields(result)
+                yield Part(result, parsed.logprobs is not None)
             finished = True
         finally:
             # closed early (the HTTP client left): cancel the gRPC call, and with it the Triton request. Only
@@ -108,73 +130,78 @@ class Gateway:
             if not finished:
                 call.cancel()
         if failure is not None:
-            raise failure if isinstance(failure, InferenceServerException) else InferenceServerException(str(failure))
+            message = failure.message() if isinstance(failure, InferenceServerException) else str(failure)
+            raise from_triton(message)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        from tritonclient.utils import InferenceServerException
+        body, model = await self._body(request)
+        parsed = completion_request(body, self.tokenizer)
+        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()), "model": model}
+        offset = [len(parsed.prompt.text) if parsed.echo else 0]
 
-        try:
-            body = await request.json()
-        except json.JSONDecodeError as e:
-            return _error(400, f"body is not JSON: {e}")
-        if not isinstance(body, dict):
-            return _error(400, "body must be a JSON object")
-        model = body.get("model") or (self.models[0] if self.models else "")
-        if model not in self.models:
-            return _error(404, f"model {model!r} does not exist; models: {self.models}")
-        try:
-            prompt, sampling = sampling_of(body)
-        except BadRequest as e:
-            return _error(400, str(e))
-        meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+        def choice(text: str, reason: str | None, parts: list[Part]) -> dict[str, Any]:
+            logprobs = None
+            if parsed.logprobs is not None:
+                logprobs = completion_logprobs([t for p in parts for t in p.logprobs], parsed.logprobs, offset[0])
+                offset[0] += len(text)
+            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+        echo = parsed.prompt.text if parsed.echo else ""
+        return await self._answer(request, model, parsed, meta, choice, echo)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body, model = await self._body(request)
+        parsed = chat_request(body, self.tokenizer)
+        meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": model}
+        first = [True]
+
+        def choice(text: str, reason: str | None, parts: list[Part]) -> dict[str, Any]:
+            logprobs = None
+            if parsed.logprobs is not None:
+                logprobs = chat_logprobs([t for p in parts for t in p.logprobs], parsed.logprobs)
+            if parsed.stream:
+                delta: dict[str, Any] = {"content": text} if text else {}
+                if first[0]:
+                    delta = {"role": "assistant", **delta, "content": text}
+                    first[0] = False
+                return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+            return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                    "finish_reason": reason}
+
+        return await self._answer(request, model, parsed, meta, choice, "")
+
+    async def _answer(self, request: web.Request, model: str, parsed: Parsed, meta: dict[str, Any],
+                      choice: Callable[[str, str | None, list[Part]], dict[str, Any]], echo: str) -> web.StreamResponse:
         # closed as soon as the handler ends, also when it is cancelled because the client left
-        async with contextlib.aclosing(self._responses(model, prompt, sampling, bool(body.get("echo")))) as responses:
-            if body.get("stream"):
-                usage_wanted = bool((body.get("stream_options") or {}).get("include_usage"))
-                return await self._stream(request, responses, meta, usage_wanted)
-            parts = []
-            try:
-                async for part in responses:
-                    parts.append(part)
-            except InferenceServerException as e:
-                return _error(500 if parts else http_status(e), e.message())
-        text = "".join(p[0] for p in parts)
-        reason = next((p[1] for p in reversed(parts) if p[1]), None)
-        usage = self._usage(parts)
-        return web.json_response({**meta, "choices": [{"index": 0, "text": text, "logprobs": None,
-                                                       "finish_reason": reason}], "usage": usage})
+        async with contextlib.aclosing(self._parts(model, parsed)) as parts:
+            if parsed.stream:
+                return await self._stream(request, parts, meta, choice, parsed.include_usage, echo)
+            got = [part async for part in parts]
+        text = echo + "".join(p.text for p in got)
+        reason = next((p.finish_reason for p in reversed(got) if p.finish_reason), None)
+        return web.json_response({**meta, "choices": [choice(text, reason, got)], "usage": usage(got)})
 
-    @staticmethod
-    def _usage(parts: list[tuple[str, str | None, int | None, int | None]]) -> dict[str, int]:
-        prompt_tokens = next((p[2] for p in parts if p[2] is not None), 0)
-        completion_tokens = sum(p[3] or 0 for p in parts)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
-
-    async def _stream(self, request: web.Request, responses: AsyncIterator, meta: dict[str, Any],
-                      usage_wanted: bool) -> web.StreamResponse:
-        from tritonclient.utils import InferenceServerException
-
+    async def _stream(self, request: web.Request, parts: AsyncIterator[Part], meta: dict[str, Any],
+                      choice: Callable[[str, str | None, list[Part]], dict[str, Any]], include_usage: bool,
+                      echo: str) -> web.StreamResponse:
+        meta = {**meta, "object": meta["object"] + ".chunk" if meta["object"] == "chat.completion" else meta["object"]}
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        parts = []
-        first = True
+        seen: list[Part] = []
         try:
-            async for part in responses:
-                if first:  # an error before the first response still gets its HTTP status
+            async for part in parts:
+                if not seen:  # an error before the first response still gets its own HTTP status
                     await out.prepare(request)
-                    first = False
-                parts.append(part)
-                text, reason = part[0], part[1]
-                if text or reason:
-                    await self._event(out, {**meta, "choices": [{"index": 0, "text": text, "logprobs": None,
-                                                                 "finish_reason": reason}]})
-        except InferenceServerException as e:
-            if first:
-                return _error(http_status(e), e.message())
-            await self._event(out, {"error": {"message": e.message(), "type": "server_error", "code": 500}})
-        if usage_wanted and parts:
-            await self._event(out, {**meta, "choices": [], "usage": self._usage(parts)})
+                seen.append(part)
+                text = (echo if len(seen) == 1 else "") + part.text
+                if text or part.finish_reason or len(seen) == 1:
+                    await self._event(out, {**meta, "choices": [choice(text, part.finish_reason, [part])]})
+        except OpenAIError as e:
+            if not seen:
+                return e.response()
+            await self._event(out, e.body())
+        if include_usage and seen:
+            await self._event(out, {**meta, "choices": [], "usage": usage(seen)})
         await out.write(b"data: [DONE]\n\n")
         await out.write_eof()
         return out
@@ -184,13 +211,15 @@ class Gateway:
         await out.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
 
-def app(triton_url: str, models: list[str]) -> web.Application:
-    gateway = Gateway(triton_url, models)
-    application = web.Application()
+def app(triton_url: str, models: list[str], tokenizer_path: str, api_key: str | None = None) -> web.Application:
+    gateway = Gateway(triton_url, models, tokenizer_path, api_key)
+    application = web.Application(middlewares=[gateway.errors_and_auth])
     application.on_startup.append(gateway.start)
     application.on_cleanup.append(gateway.stop)
+    application.router.add_get("/health", gateway.health)
     application.router.add_get("/v1/models", gateway.list_models)
     application.router.add_post("/v1/completions", gateway.completions)
+    application.router.add_post("/v1/chat/completions", gateway.chat)
     return application
 
 
@@ -199,10 +228,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default="", help="comma-separated models to expose (default: every READY model)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 to expose it)")
     p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--tokenizer", default=None,
+                   help="the served model's checkpoint directory, for chat templates and token-id prompts "
+                        "(default: the default model)")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV}; none: open)")
 
 
 def main(args: argparse.Namespace) -> int:
+    from bucketserve_client.defaults import default_model_dir
+
     models = [m for m in args.models.split(",") if m]
-    print(f"[openai-gateway] http://{args.host}:{args.port}/v1 -> Triton gRPC {args.url}", flush=True)
-    web.run_app(app(args.url, models), host=args.host, port=args.port, handler_cancellation=True, print=None)
+    tokenizer = args.tokenizer or str(default_model_dir())
+    print(f"[openai-gateway] http://{args.host}:{args.port}/v1 -> Triton gRPC {args.url} (tokenizer {tokenizer})",
+          flush=True)
+    web.run_app(app(args.url, models, tokenizer, args.api_key), host=args.host, port=args.port,
+                handler_cancellation=True, print=None)
     return 0
