@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[triton,test]"
 	touch $(STAMP)
 
+# extra flags: make serve ARGS="--openai-port 9000"
 serve: setup
-	$(BIN)/bucketserve serve
+	$(BIN)/bucketserve serve $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -v --durations=15

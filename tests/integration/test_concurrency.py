@@ -62,6 +62,9 @@ def test_cancellation_answers_cancelled_and_frees_the_sequence(server, stream):
             assert results.get(timeout=60)[1] is None
     wait_for(lambda: server.metric("bucketserve_kv_cache_bytes") > 0)
     assert server.metric("bucketserve_requests_running") == 1
+    # what an inference gateway routes on: nothing queued, part of the KV budget in use
+    assert server.metric("bucketserve_num_requests_waiting") == 0
+    assert 0 < server.metric("bucketserve_kv_cache_usage_perc") < 1
     client.stop_stream(cancel_requests=True)
     received = []
     while not results.empty():
@@ -69,7 +72,7 @@ def test_cancellation_answers_cancelled_and_frees_the_sequence(server, stream):
     errors = [e for e in received if e is not None]
     assert len(errors) == 1 and "CANCELLED" in str(errors[0].status()), received
     wait_for(lambda: server.metric("bucketserve_requests_running") == 0
-             and server.metric("bucketserve_kv_cache_bytes") == 0)
+             and server.metric("bucketserve_kv_cache_bytes") == 0 and server.metric("bucketserve_kv_cache_usage_perc") == 0)
     assert BucketServeClient(server.grpc_url).generate("still there?", max_tokens=3).num_output_tokens == 3
 
 

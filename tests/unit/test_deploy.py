@@ -19,7 +19,7 @@ DOCKERFILE = ROOT / "docker" / "Dockerfile"
 COMPOSE = ROOT / "docker" / "compose.yaml"
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
 K8S_VERSION = "1.30"
-PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002, "openai": 9000}
 
 
 def test_the_dockerfile_passes_hadolint():
@@ -34,7 +34,8 @@ def test_the_image_is_triton_2_51_with_the_package_in_its_python():
     assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:24\.10-py3$", text, re.M)
     assert re.search(r"^RUN pip install \.$", text, re.M)  # the stub imports bucketserve from the image's Python
     assert "BUCKETSERVE_MODEL_PATH=/models/model" in text
-    assert "/v2/health/ready" in text and re.search(r"^EXPOSE 8000 8001 8002$", text, re.M)
+    assert "/v2/health/ready" in text and re.search(r"^EXPOSE 8000 8001 8002 9000$", text, re.M)
+    assert "/health" in text and '"--openai-port", "9000"' in text
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +83,12 @@ def test_the_validator_catches_a_misspelt_field(manifests):
         kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
 
 
-def test_replicas_get_a_gpu_probes_on_triton_health_and_shared_memory(manifests):
+def test_replicas_get_a_gpu_probes_on_both_front_doors_and_shared_memory(manifests):
     pod = manifests["Deployment"]["spec"]["template"]
     [container] = pod["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == PORTS
-    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "openai"}  # 200 once Triton is too
     assert container["startupProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": "http"}
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
@@ -98,7 +99,7 @@ def test_replicas_get_a_gpu_probes_on_triton_health_and_shared_memory(manifests)
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(PORTS["metrics"])
 
 
-def test_the_service_exposes_http_grpc_and_metrics(manifests):
+def test_the_service_exposes_http_grpc_metrics_and_openai(manifests):
     service = manifests["Service"]
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == PORTS
     labels = manifests["Deployment"]["spec"]["template"]["metadata"]["labels"]
@@ -112,3 +113,19 @@ def test_the_autoscaler_scales_the_deployment_on_a_metric_the_server_exports(man
     name = metric["pods"]["metric"]["name"]
     assert name.startswith("bucketserve_")
     assert f'"{name}"' in (ROOT / "backend" / "bucketserve" / "triton" / "metrics.py").read_text()
+
+
+def test_the_inference_pool_routes_openai_traffic_on_metrics_the_server_exports(manifests):
+    gateway = ROOT / "deploy" / "kubernetes" / "inference-gateway"
+    pool = yaml.safe_load((gateway / "inferencepool.yaml").read_text())
+    values = yaml.safe_load((gateway / "values.yaml").read_text())
+    labels = manifests["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert pool["kind"] == "InferencePool" and pool["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert values["inferencePool"]["modelServers"]["matchLabels"].items() <= labels.items()
+    assert pool["spec"]["targetPorts"] == values["inferencePool"]["targetPorts"] == [{"number": PORTS["openai"]}]
+    flags = values["inferenceExtension"]["flags"]
+    assert flags["model-server-metrics-port"] == PORTS["metrics"]
+    exported = (ROOT / "backend" / "bucketserve" / "triton" / "metrics.py").read_text()
+    for flag in ("total-queued-requests-metric", "total-running-requests-metric", "kv-cache-usage-percentage-metric"):
+        name = flags[flag].split("{")[0]
+        assert f'"{name}"' in exported, flag

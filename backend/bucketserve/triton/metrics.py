@@ -14,8 +14,16 @@ import triton_python_backend_utils as pb_utils
 from bucketserve.engine.monitor import Monitor, Snapshot
 from bucketserve.engine.request import Priority
 
+def kv_usage(s: Snapshot) -> float:
+    return min(1.0, s.kv_bytes / s.kv_budget_bytes) if s.kv_budget_bytes else 0.0
+
+
 GAUGES: dict[str, tuple[str, Callable[[Snapshot], float]]] = {
+    # the three an inference gateway's endpoint picker routes on (vLLM's num_requests_waiting,
+    # num_requests_running and kv_cache_usage_perc, with their semantics)
+    "bucketserve_num_requests_waiting": ("Requests waiting for prefill, every priority class", lambda s: sum(s.waiting)),
     "bucketserve_requests_running": ("Sequences in the running (decode) set", lambda s: s.running),
+    "bucketserve_kv_cache_usage_perc": ("Share of the KV budget the running set holds, 0 to 1", kv_usage),
     "bucketserve_buckets": ("Length buckets the waiting requests are sorted into", lambda s: len(s.buckets)),
     "bucketserve_n_max": ("Largest batch of longest-length sequences the KV budget holds", lambda s: s.n_max),
     "bucketserve_kv_cache_bytes": ("Bytes held by the running set's KV cache, padding included", lambda s: s.kv_bytes),
