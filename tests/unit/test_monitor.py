@@ -17,8 +17,8 @@ def finished(ttft_s: float | None, outputs: int, slo_ms: int | None, reason=Fini
 
 def test_padding_ratios_are_token_weighted():
     m = Monitor(kv_budget_bytes=1000)
-    m.on_prefill([10, 10, 20], packed=False)  # 60 padded slots, 40 real
-    m.on_prefill([5], packed=False)
+    m.on_prefill([10, 10, 20], 60, packed=False)  # 60 padded slots, 40 real
+    m.on_prefill([5], 5, packed=False)
     m.on_decode(positions=100, padded=25)
     m.on_decode(positions=300, padded=0)
     s = m.snapshot()

@@ -193,7 +193,8 @@ class Engine:
             self._expire_running(self.scheduler.running, events)
             batch = self.scheduler.next_prefill()
             if batch:
-                self.monitor.on_prefill([r.prompt_len for r in batch], packed=bool(self.executor.page_size))
+                lengths = [r.prompt_len for r in batch]
+                self.monitor.on_prefill(lengths, self.executor.prefill_positions(lengths), bool(self.executor.page_size))
                 out = self.executor.prefill(batch)
                 self._expire_running(out.rows, events)  # a first token that came too late is not sent
                 self._apply(out, events)

@@ -70,6 +70,9 @@ class Executor(Protocol):
     def install_faults(self, spec: str) -> None:
         """Test-only: fail the forward passes ``spec`` names."""
 
+    def prefill_positions(self, lengths: list[int]) -> int:
+        """Positions a prefill of prompts of these lengths computes, padding included."""
+
     def prefill(self, batch: Sequence[Request]) -> StepOutput:
         """Run the batch's prompts, sample each first token, and add the rows to the running set."""
 

@@ -115,9 +115,9 @@ class Monitor:
                 self._arrival_times.popleft()
             self._update(arrival_rate=len(self._arrival_times) / ARRIVAL_WINDOW_S)
 
-    def on_prefill(self, lengths: list[int], packed: bool) -> None:
-        """A prefill batch of prompts with these lengths: packed back to back, or left-padded to the longest."""
-        padded = sum(lengths) if packed else len(lengths) * max(lengths)
+    def on_prefill(self, lengths: list[int], padded: int, packed: bool) -> None:
+        """A prefill batch of prompts with these lengths, computed as ``padded`` positions: packed back to back
+        (rounded up to a size the matmuls have seen), or left-padded to the longest."""
         with self._lock:
             s = self._snap
             self._update(last_batch_size=len(lengths), prefill_padding=1 - sum(lengths) / padded, prefill_packed=packed,

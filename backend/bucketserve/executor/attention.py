@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], scale: float) -> torch.Tensor:
     """``q`` ``[tokens, heads, dim]``, ``k``/``v`` ``[tokens, kv_heads, dim]`` of sequences packed back to back;
-    returns ``[tokens, heads, dim]``, each sequence attending causally to itself only."""
-    out = torch.empty_like(q)
+    returns ``[tokens, heads, dim]``, each sequence attending causally to itself only. Rows past the last
+    sequence (padding) come out zero."""
+    out = torch.empty_like(q) if q.shape[0] == sum(lengths) else torch.zeros_like(q)
     gqa = q.shape[1] != k.shape[1]
     start = 0
     for n in lengths:

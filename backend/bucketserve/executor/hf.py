@@ -105,6 +105,9 @@ class HFExecutor(ExecutorBase):
         torch.cuda.empty_cache()
         return max(0, torch.cuda.mem_get_info(self.device)[0] - peak)
 
+    def prefill_positions(self, lengths: list[int]) -> int:
+        return len(lengths) * max(lengths)  # left-padded to the longest
+
     @torch.inference_mode()
     def prefill(self, batch: Sequence[Request]) -> StepOutput:
         """Run the batch's prompts, sample each first token, and add the rows to the running set. A

@@ -29,6 +29,18 @@ def onednn_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+def padded_rows(rows: int) -> int:
+    """A row count the matmuls see again and again: beyond 64 rows, rounded up to one of 8 sizes per
+    doubling (at most 1/8 more rows, at least 16). oneDNN builds a primitive for every new input shape
+    (measured: a first call at a new row count took 1.7x a repeat; its cache holds 1,024), so a packed
+    prefill of any token count would otherwise pay that almost every time; decode batches (up to
+    ``max_num_seqs``) repeat by themselves."""
+    if rows <= 64:
+        return rows
+    step = max(16, (1 << (rows.bit_length() - 1)) // 8)
+    return -(-rows // step) * step
+
+
 class Linear:
     """``y = x @ weight.T + bias`` with the weight packed for the fastest kernel available."""
 

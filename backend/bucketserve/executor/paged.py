@@ -22,7 +22,7 @@ from bucketserve.executor.base import ExecutorBase, eos_ids_of
 from bucketserve.executor.device import pick_device, pick_dtype
 from bucketserve.executor.kernels import paged_attention_kernel
 from bucketserve.executor.kv_cache import PagedKVPool
-from bucketserve.executor.linear import onednn_works
+from bucketserve.executor.linear import onednn_works, padded_rows
 from bucketserve.executor.llama import LlamaModel
 from bucketserve.executor.sampler import Sampler
 
@@ -102,6 +102,9 @@ class PagedExecutor(ExecutorBase):
         torch.cuda.empty_cache()
         return max(0, torch.cuda.mem_get_info(self.device)[0] - peak)
 
+    def prefill_positions(self, lengths: list[int]) -> int:
+        return padded_rows(sum(lengths)) if self.onednn else sum(lengths)
+
     @torch.inference_mode()
     def prefill(self, batch: Sequence[Request]) -> StepOutput:
         """Run the batch's prompts packed, sample each first token, and add the rows to the running set."""
@@ -121,13 +124,15 @@ class PagedExecutor(ExecutorBase):
             p, o = pool.slots(request.id, 0, request.prompt_len)
             pages += p
             offsets += o
-        ids = torch.tensor([t for r in batch for t in r.prompt_ids], device=dev)
-        positions = torch.cat([torch.arange(n) for n in lengths]).to(dev)
+        total = sum(lengths)
+        extra = self.prefill_positions(lengths) - total  # rows of zeros, so the matmuls see a familiar shape
+        ids = torch.tensor([t for r in batch for t in r.prompt_ids] + [0] * extra, device=dev)
+        positions = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(extra, dtype=torch.long)]).to(dev)
         slots = pool.slot_index(pages, offsets)
         scale = self.model.scale
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            pool.write(layer, slots, k, v)
+            pool.write(layer, slots, k[:total], v[:total])
             return prefill_attention(q, k, v, lengths, scale)
 
         hidden = self.model.forward(ids, positions, attend)
