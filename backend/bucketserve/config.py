@@ -99,13 +99,16 @@ class EngineConfig:
     run (each costs the model process an IPC call); 0 sends each step's text as soon as it is ready."""
     cancel_poll_ms: int = 50
     """How often the response thread asks Triton whether clients cancelled their requests."""
+    metrics_interval_ms: int = 500
+    """How often the metrics on Triton's port are brought up to date: each value set is an IPC call from the
+    model's process, which competes with the engine for the CPU (Prometheus scrapes every few seconds)."""
     max_queue_size: int = 1024
     """Requests waiting for prefill beyond which new ones are refused at once with UNAVAILABLE, so an
     overload costs a retry instead of unbounded memory and latency; 0 means unbounded."""
 
     def __post_init__(self) -> None:
         positive = ("max_num_seqs", "max_prefill_tokens", "kv_cache_growth", "max_decode_groups", "default_max_tokens",
-                    "cancel_poll_ms", "kv_page_size")
+                    "cancel_poll_ms", "metrics_interval_ms", "kv_page_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"parameter {name} must be >= 1, got {getattr(self, name)}")

@@ -1,8 +1,8 @@
 """The Global Monitor on Triton's metrics port: Prometheus families prefixed ``bucketserve_``.
 
-``update`` runs on the response thread (a side thread, never the engine's): it copies the
-monitor's snapshot into gauges, advances counters by what changed, and feeds the latency
-observations made since the last call into histograms.
+``update`` runs on the response thread (a side thread, never the engine's), every ``metrics_interval_ms``:
+it copies the monitor's snapshot into the gauges that changed, advances counters by what changed, and
+feeds the latency observations made since the last call into histograms.
 """
 
 from __future__ import annotations
@@ -106,13 +106,20 @@ class EngineMetrics:
         self._info = self._families["bucketserve_model_info"].Metric(labels={**self.labels, **info})
         self._info.set(float(parameters))
         self._buckets: list[dict[str, Any]] = []
+        self._last: dict[int, float] = {}
+        """What each gauge was last set to, by the metric's id: each set is an IPC call, so unchanged ones are skipped."""
+
+    def _set(self, metric: Any, value: float) -> None:
+        if self._last.get(id(metric)) != value:
+            metric.set(value)
+            self._last[id(metric)] = value
 
     def update(self, monitor: Monitor) -> None:
         snap = monitor.snapshot()
         for name, (_, read) in GAUGES.items():
-            self._gauges[name].set(float(read(snap)))
+            self._set(self._gauges[name], float(read(snap)))
         for metric, depth in zip(self._queue, snap.waiting):
-            metric.set(float(depth))
+            self._set(metric, float(depth))
         for name, (_, read) in COUNTERS.items():
             value = float(read(snap))
             if value > self._counted[name]:
@@ -130,4 +137,4 @@ class EngineMetrics:
             self._buckets.append({name: self._families[name].Metric(labels=labels) for name in BUCKET_GAUGES})
         for i, metrics in enumerate(self._buckets):
             for name, (_, read) in BUCKET_GAUGES.items():
-                metrics[name].set(float(read(snap.buckets[i])) if i < len(snap.buckets) else 0.0)
+                self._set(metrics[name], float(read(snap.buckets[i])) if i < len(snap.buckets) else 0.0)

@@ -74,9 +74,11 @@ class ClientStream:
 
 class ResponseThread:
     def __init__(self, engine: Engine, poll_s: float, log: Callable[[str], None],
-                 on_tick: Callable[[], None] = lambda: None, stream_interval_s: float = 0.0):
+                 on_tick: Callable[[], None] = lambda: None, stream_interval_s: float = 0.0, tick_s: float = 0.5):
         self.engine = engine
         self.poll_s = poll_s
+        self.tick_s = tick_s
+        """How often ``on_tick`` (the metrics update) runs."""
         self.stream_interval_s = stream_interval_s
         """A stream's text waits at most this long to share a response with what comes next (its first text and
         its end go at once): fewer, larger responses, the same text in total."""
@@ -104,7 +106,7 @@ class ResponseThread:
         self._queue.put(("outputs", outputs))
 
     def _loop(self) -> None:
-        next_poll = time.monotonic()
+        next_poll = next_tick = time.monotonic()
         while True:
             try:
                 items = [self._queue.get(timeout=self.poll_s)]
@@ -125,10 +127,13 @@ class ResponseThread:
                 self._handle(output)
             if any(kind == "stop" for kind, _ in items):
                 break
-            if time.monotonic() >= next_poll:
+            now = time.monotonic()
+            if now >= next_poll:
                 self._poll_cancelled()
-                self._safely(self.on_tick)
                 next_poll = time.monotonic() + self.poll_s
+            if now >= next_tick:
+                self._safely(self.on_tick)
+                next_tick = time.monotonic() + self.tick_s
 
     def _safely(self, fn: Callable, *args: Any) -> None:
         try:
