@@ -51,7 +51,7 @@ class EngineConfig:
     ops), `cpp` (the kernel, or the load fails), `torch` (torch ops everywhere)."""
     max_num_seqs: int = 64
     """Most sequences in the running (decode) set at once."""
-    max_prefill_tokens: int = 8192
+    max_prefill_tokens: int = 4096
     """Most tokens one prefill batch computes: prompt tokens when prefill is packed (paged executor),
     batch size x longest prompt when it is padded (hf)."""
     kv_cache_growth: int = 64
