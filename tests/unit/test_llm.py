@@ -73,13 +73,15 @@ def test_a_bad_prompt_is_refused_before_anything_runs(llm):
 def test_generate_command_runs_a_jsonl_file(model_dir, tmp_path, capsys):
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     rows = [{"prompt": "Hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True},
-            {"prompt": "import os", "max_tokens": "6", "temperature": 0, "ignore_eos": True, "priority": 1}]
+            {"prompt": "import os", "max_tokens": "6", "temperature": 0, "ignore_eos": True, "priority": 1, "logprobs": 2}]
     source.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert cli_main(["generate", "--input", str(source), "--output", str(target), "--model-path", str(model_dir),
                      "--param", "device=cpu"]) == 0
     out = [json.loads(line) for line in target.read_text().splitlines()]
     assert [(o["prompt"], o["num_output_tokens"], o["finish_reason"], o["error"]) for o in out] == [
         ("Hello", 4, "length", None), ("import os", 6, "length", None)]
+    assert "logprobs" not in out[0] and len(out[1]["logprobs"]) == len(out[1]["token_ids"]) == 6
+    assert all(lp["rank"] == 1 and len(lp["top"]) == 2 and lp["top"][0][1] == lp["logprob"] for lp in out[1]["logprobs"])
     source.write_text(json.dumps({"prompt": "hi", "top_k": -1}) + "\n")
     assert cli_main(["generate", "--input", str(source), "--output", str(target), "--model-path", str(model_dir)]) == 2
     assert "in.jsonl:1: top_k must be >= 0" in capsys.readouterr().err

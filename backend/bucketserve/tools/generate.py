@@ -68,9 +68,13 @@ def main(args: argparse.Namespace) -> int:
             return 2
     with args.output.open("w", encoding="utf-8") as out:
         for r in results:
-            out.write(json.dumps({"prompt": r.prompt, "text": r.text, "finish_reason": r.finish_reason,
-                                  "num_input_tokens": r.num_input_tokens, "num_output_tokens": r.num_output_tokens,
-                                  "error": r.error}) + "\n")
+            row = {"prompt": r.prompt, "text": r.text, "finish_reason": r.finish_reason,
+                   "num_input_tokens": r.num_input_tokens, "num_output_tokens": r.num_output_tokens, "error": r.error}
+            if r.logprobs is not None:  # asked for with "logprobs": N
+                row["token_ids"] = r.token_ids
+                row["logprobs"] = [{"logprob": lp.logprob, "rank": lp.rank, "top": [list(t) for t in lp.top]}
+                                   for lp in r.logprobs]
+            out.write(json.dumps(row) + "\n")
     failed = sum(r.error is not None for r in results)
     print(f"[generate] {len(results)} results in {args.output}" + (f", {failed} failed" if failed else ""),
           file=sys.stderr)
