@@ -115,12 +115,25 @@ def build(out_dir: Path, spec: ModelSpec = ModelSpec(), log=print) -> Path:
     return out_dir
 
 
+def add_chat_template(out_dir: Path, log=print) -> None:
+    """Give a default model built before it shipped a chat template the template (the weights stay)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    if tokenizer.chat_template is None:
+        log(f"[bucketserve] adding the chat template to the default model in {out_dir}")
+        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.save_pretrained(out_dir)
+
+
 def ensure_default_model(log=print) -> Path:
     """The default model's directory, built there first if it is not yet."""
     default = default_model_dir()
     if not is_built(default):
         log(f"[bucketserve] default model missing; building it in {default} (once)")
         build(default, log=log)
+    else:
+        add_chat_template(default, log)
     return default
 
 
