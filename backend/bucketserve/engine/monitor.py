@@ -42,7 +42,8 @@ class Snapshot:
     kv_budget_bytes: int = 0
     last_batch_size: int = 0
     prefill_padding: float = 0.0
-    """Padding share of the last prefill batch: sum(max_len - len_i) / (batch x max_len); 0 when packed."""
+    """Padding share of the last prefill batch: sum(max_len - len_i) / (batch x max_len) when padded; when
+    packed, the zero rows that round its token count to a size the matmuls have seen."""
     prefill_packed: bool = False
     """Whether prefill runs packed (paged executor) rather than padded (hf executor)."""
     decode_padding: float = 0.0

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from bucketserve.openai.protocol import (OpenAIError, Parsed, chat_logprobs, chat_request, completion_logprobs,
                                          completion_request, from_triton)
-from bucketserve_client.client import build_inputs, response_fields, response_logprobs
+from bucketserve_client.client import Completion, build_inputs, completion, response_fields, response_logprobs
 
 API_KEY_ENV = "BUCKETSERVE_API_KEY"
 
@@ -32,13 +32,13 @@ class Part:
     """One Triton response: text, finish reason, token counts and log probabilities."""
 
     def __init__(self, result: Any, logprobs: bool):
-        self.text, self.finish_reason, self.prompt_tokens, self.completion_tokens = response_fields(result)
+        self.fields = response_fields(result)
+        self.text, self.finish_reason = self.fields[:2]
         self.logprobs = response_logprobs(result) if logprobs else []
 
 
-def usage(parts: list[Part]) -> dict[str, int]:
-    prompt_tokens = next((p.prompt_tokens for p in parts if p.prompt_tokens is not None), 0)
-    completion_tokens = sum(p.completion_tokens or 0 for p in parts)
+def usage(done: Completion) -> dict[str, int]:
+    prompt_tokens, completion_tokens = done.num_input_tokens or 0, done.num_output_tokens or 0
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
@@ -178,9 +178,9 @@ class Gateway:
             if parsed.stream:
                 return await self._stream(request, parts, meta, choice, parsed.include_usage, echo)
             got = [part async for part in parts]
-        text = echo + "".join(p.text for p in got)
-        reason = next((p.finish_reason for p in reversed(got) if p.finish_reason), None)
-        return web.json_response({**meta, "choices": [choice(text, reason, got)], "usage": usage(got)})
+        done = completion([p.fields for p in got])
+        return web.json_response({**meta, "choices": [choice(echo + done.text, done.finish_reason, got)],
+                                  "usage": usage(done)})
 
     async def _stream(self, request: web.Request, parts: AsyncIterator[Part], meta: dict[str, Any],
                       choice: Callable[[str, str | None, list[Part]], dict[str, Any]], include_usage: bool,
@@ -201,7 +201,7 @@ class Gateway:
                 return e.response()
             await self._event(out, e.body())
         if include_usage and seen:
-            await self._event(out, {**meta, "choices": [], "usage": usage(seen)})
+            await self._event(out, {**meta, "choices": [], "usage": usage(completion([p.fields for p in seen]))})
         await out.write(b"data: [DONE]\n\n")
         await out.write_eof()
         return out

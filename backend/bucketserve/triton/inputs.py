@@ -15,10 +15,11 @@ import numpy as np
 
 from bucketserve.engine.params import SAMPLING_KEYS, from_mapping, request_fields, to_bool, to_int, to_stop
 from bucketserve.engine.request import InvalidInput, Priority, SamplingParams
+from bucketserve.triton.interface import INPUT_NAMES
 
-# input tensor name -> (field, converter): sampling_parameters' keys, and the TRT-LLM names genai-perf sends
+# input tensor name -> (field, converter): sampling_parameters' keys declared as inputs, and the TRT-LLM names genai-perf sends
 TENSOR_KEYS: dict[str, tuple[str, Callable[[str, Any], Any]]] = {
-    **{name: entry for name, entry in SAMPLING_KEYS.items() if name not in ("stop", "stop_token_ids", "logprobs")},
+    **{name: entry for name, entry in SAMPLING_KEYS.items() if name in INPUT_NAMES},
     "min_length": ("min_tokens", to_int),
     "stop_words": ("stop", to_stop),
 }
