@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bucketserve_client.scrape import series
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -69,6 +70,25 @@ class Server:
             if all(have.get(k) == v for k, v in labels.items()):
                 return value
         raise KeyError(f"{name} {model} {labels}")
+
+    def settled(self, names: tuple[str, ...], quiet_s: float = 2.0) -> dict[str, float]:
+        """These series (0 while absent) once nothing runs and they have held still for ``quiet_s``: several
+        metrics refreshes (``metrics_interval_ms``, 500), so what already happened is counted in them."""
+        def values() -> dict[str, float]:
+            found = series(self.metrics_text(), "bucketserve")
+            return {name: found[name][0][1] if found.get(name) else 0.0 for name in (*names, "bucketserve_requests_running")}
+
+        state: dict = {"values": None, "since": 0.0}
+
+        def still() -> bool:
+            now, seen = time.monotonic(), values()
+            if seen != state["values"] or seen["bucketserve_requests_running"]:
+                state.update(values=seen, since=now)
+                return False
+            return now - state["since"] >= quiet_s
+
+        wait_for(still, timeout=60, interval=0.2, what=f"{names} hold still")
+        return {name: state["values"][name] for name in names}
 
 
 def start_server(model_path: Path, log: Path, timeout: float = 300, repository: Path | None = None,

@@ -146,7 +146,7 @@ def test_a_client_leaving_the_gateway_cancels_its_request(server, gateway):
     def tokens() -> float:
         return server.metric("bucketserve_output_tokens_total")
 
-    before = tokens()
+    before = server.settled(("bucketserve_output_tokens_total",))["bucketserve_output_tokens_total"]
     conn = http.client.HTTPConnection("127.0.0.1", gateway, timeout=60)
     conn.request("POST", "/v1/completions", json.dumps(
         {"model": "bucketserve", "prompt": PROMPT, "max_tokens": 1500, "ignore_eos": True, "stream": True}),

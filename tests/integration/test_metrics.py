@@ -11,26 +11,13 @@ from tests.waiting import wait_for
 
 
 def test_metrics_describe_a_mixed_run(server):
-    def count(name: str, **labels: str) -> float:
-        try:
-            return server.metric(name, **labels)
-        except KeyError:
-            return 0.0
-
     counters = ("bucketserve_time_to_first_token_seconds_count", "bucketserve_slo_met_total",
                 "bucketserve_slo_missed_total", "bucketserve_output_tokens_total", "bucketserve_prefill_batches_total",
                 "bucketserve_requests_expired_total")
 
     def settled() -> dict[str, float]:
         """Counters once they stop moving: earlier tests' last requests are counted by then."""
-        seen: list[dict[str, float]] = []
-
-        def still() -> bool:
-            seen.append({name: count(name) for name in counters})
-            return len(seen) > 1 and seen[-1] == seen[-2] and count("bucketserve_requests_running") == 0
-
-        wait_for(still, timeout=15, interval=0.3, what="metrics settle")
-        return seen[-1]
+        return server.settled(counters)
 
     before = settled()
     client = BucketServeClient(server.grpc_url)
@@ -49,6 +36,10 @@ def test_metrics_describe_a_mixed_run(server):
         results = list(pool.map(run, jobs))
     assert [r.num_output_tokens for r in results[:12]] == [6] * 12
     assert "deadline exceeded: no first token" in str(results[12])  # 1 ms cannot be met: it ends at once
+    # counted on the metrics port's next refresh; then nothing more may come
+    wait_for(lambda: server.metric("bucketserve_output_tokens_total") - before["bucketserve_output_tokens_total"] >= 6 * 12
+             and server.metric("bucketserve_requests_expired_total") > before["bucketserve_requests_expired_total"],
+             timeout=30, what="the run's tokens and expiry counted")
     after = settled()
     delta = {name: after[name] - before[name] for name in counters}
     assert delta["bucketserve_time_to_first_token_seconds_count"] == 12
