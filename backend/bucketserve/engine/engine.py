@@ -12,6 +12,7 @@ that fails fails only the requests it was running.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -28,6 +29,17 @@ from bucketserve.engine.tokenizer import PromptTokenizer, check_lengths, check_p
 OnOutput = Callable[[list[RequestOutput]], None]
 POLL_S = 0.5
 """How long the idle threads block before they look again for a stop."""
+
+
+def lower_priority() -> None:
+    """Run the calling helper thread (text, responses) at the lowest CPU priority (nice 19). When the model's
+    threads occupy every core, a helper that preempts one of them stalls the whole parallel region, which
+    waits for its slowest thread; at the lowest priority it runs in the gaps between regions instead.
+    Measured through Triton on 2 cores: +4-5% output tok/s and lower TPOT (default model, peers)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the thread just keeps its priority
+        pass
 
 
 class Engine:
@@ -110,6 +122,7 @@ class Engine:
         self._output_thread.join(timeout)
 
     def _output_loop(self) -> None:
+        lower_priority()
         while True:
             batches = [self._events.get()]
             while True:  # take everything that piled up: a lagging consumer gets it coalesced

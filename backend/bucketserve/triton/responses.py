@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from bucketserve.engine.engine import Engine
+from bucketserve.engine.engine import Engine, lower_priority
 from bucketserve.engine.executor import TokenLogprobs
 from bucketserve.engine.outputs import RequestOutput, coalesce
 from bucketserve.engine.request import FinishReason, Request
@@ -110,6 +110,7 @@ class ResponseThread:
         self._queue.put(("outputs", outputs))
 
     def _loop(self) -> None:
+        lower_priority()
         next_poll = next_tick = time.monotonic()
         while True:
             try:
