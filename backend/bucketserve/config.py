@@ -47,8 +47,9 @@ class EngineConfig:
     kv_page_size: int = 16
     """Paged executor: positions per KV page. A sequence holds whole pages, so each wastes less than one."""
     attention_kernel: str = "auto"
-    """Paged executor's decode attention: `auto` (on the CPU our C++ kernel, built on first use, else torch
-    ops), `cpp` (the kernel, or the load fails), `torch` (torch ops everywhere)."""
+    """Paged executor's CPU kernels (decode attention; in float32 also RMSNorm with the residual add, silu x up
+    and RoPE, fused): `auto` (on the CPU our C++ kernels, built on first use, else torch ops), `cpp` (the
+    kernels, or the load fails), `torch` (torch ops everywhere)."""
     max_num_seqs: int = 64
     """Most sequences in the running (decode) set at once."""
     max_prefill_tokens: int = 4096

@@ -5,7 +5,8 @@ Weights come from the checkpoint's safetensors (never a pickle); q/k/v and gate/
 matmul each. The forward runs on packed tokens ``[tokens, hidden]`` with no batch dimension and no
 padding; attention is a callback, so prefill (packed causal) and decode (paged) share everything else.
 The arithmetic follows transformers' own modules (float32 RMSNorm, rotate-half RoPE from the model's
-rotary embedding), so greedy tokens match ``generate()``.
+rotary embedding), so greedy tokens match ``generate()``. On the CPU in float32 the elementwise steps run
+as fused kernels (``kernels.py``): RMSNorm with the residual add before it, silu x up, RoPE in place.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ class LlamaLayer:
 
 
 class LlamaModel:
-    def __init__(self, model_path: str, config: Any, device: torch.device, dtype: torch.dtype, onednn: bool):
+    def __init__(self, model_path: str, config: Any, device: torch.device, dtype: torch.dtype, onednn: bool,
+                 kernels: Any = None):
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         self.config = config
@@ -92,6 +94,8 @@ class LlamaModel:
         self.eps = float(config.rms_norm_eps)
         self.scale = self.head_dim ** -0.5
         self.device, self.dtype = device, dtype
+        self.kernels = kernels if device.type == "cpu" and dtype == torch.float32 else None
+        """The compiled CPU kernels for the elementwise steps (float32 only), or None: torch ops."""
         weights: dict[str, torch.Tensor] = {}
         for file in safetensors_files(model_path):
             weights.update({k: v.to(device=device, dtype=dtype) for k, v in load_file(str(file)).items()})
@@ -120,22 +124,48 @@ class LlamaModel:
         """Hidden states ``[tokens, hidden]`` (before the final norm) of packed tokens."""
         cos, sin = self.rope(positions)
         x = F.embedding(ids, self.embed)
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        h = self.add_norm(x, None, self.layers[0].input_norm)
         for i, layer in enumerate(self.layers):
-            h = rms_norm(x, layer.input_norm, self.eps)
-            q, k, v = layer.qkv(h).split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(-1, self.heads, self.head_dim)
-            k = k.view(-1, self.kv_heads, self.head_dim)
-            v = v.view(-1, self.kv_heads, self.head_dim)
-            if layer.q_norm is not None:
-                q, k = rms_norm(q, layer.q_norm, self.eps), rms_norm(k, layer.k_norm, self.eps)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
-            x = x + layer.o(attend(i, q, k, v).reshape(-1, q_size))
-            h = rms_norm(x, layer.post_norm, self.eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            q, k, v = self.qkv(layer, layer.qkv(h), cos, sin)
+            h = self.add_norm(x, layer.o(attend(i, q, k, v).reshape(-1, self.heads * self.head_dim)), layer.post_norm)
+            delta = layer.down(self.silu_mul(layer.gate_up(h)))
+            if i + 1 < len(self.layers):
+                h = self.add_norm(x, delta, self.layers[i + 1].input_norm)
+            else:
+                x += delta
         return x
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+        """``x += delta`` (the residual stream, in place), then RMSNorm of ``x``."""
+        if self.kernels is not None:
+            return self.kernels.rms_norm(x, delta, weight, self.eps)
+        if delta is not None:
+            x += delta
+        return rms_norm(x, weight, self.eps)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.kernels.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def qkv(self, layer: LlamaLayer, qkv: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[tokens, heads, dim]``, k and v ``[tokens, kv_heads, dim]`` from the fused projection, RoPE applied."""
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if self.kernels is not None and layer.q_norm is None:
+            tokens = qkv.shape[0]
+            self.kernels.rope_(qkv, cos.view(tokens, -1), sin.view(tokens, -1), self.heads + self.kv_heads, self.head_dim)
+            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+            return (q.view(-1, self.heads, self.head_dim), k.view(-1, self.kv_heads, self.head_dim),
+                    v.view(-1, self.kv_heads, self.head_dim))
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.heads, self.head_dim)
+        k = k.view(-1, self.kv_heads, self.head_dim)
+        v = v.view(-1, self.kv_heads, self.head_dim)
+        if layer.q_norm is not None:
+            q, k = rms_norm(q, layer.q_norm, self.eps), rms_norm(k, layer.k_norm, self.eps)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(rms_norm(hidden, self.norm, self.eps))

@@ -20,7 +20,7 @@ from bucketserve.engine.request import Request
 from bucketserve.executor.attention import DecodeLayout, decode_attention, prefill_attention
 from bucketserve.executor.base import ExecutorBase, eos_ids_of
 from bucketserve.executor.device import pick_device, pick_dtype
-from bucketserve.executor.kernels import paged_attention_kernel
+from bucketserve.executor.kernels import cpu_kernels
 from bucketserve.executor.kv_cache import PagedKVPool
 from bucketserve.executor.linear import onednn_works, padded_rows
 from bucketserve.executor.llama import LlamaModel
@@ -38,7 +38,13 @@ class PagedExecutor(ExecutorBase):
         chosen = pick_dtype(dtype, self.device) or getattr(config, "dtype", None) or torch.float32
         chosen = getattr(torch, chosen) if isinstance(chosen, str) else chosen
         self.onednn = onednn_works(self.device, chosen)
-        self.model = LlamaModel(model_path, config, self.device, chosen, self.onednn)
+        self.kernel = None
+        """The compiled CPU kernels: decode attention, and in float32 the fused elementwise steps."""
+        if attention_kernel == "cpp" or (attention_kernel == "auto" and self.device.type == "cpu"):
+            self.kernel = cpu_kernels(log)
+            if self.kernel is None and attention_kernel == "cpp":
+                raise RuntimeError("attention_kernel cpp: the CPU kernels could not be built")
+        self.model = LlamaModel(model_path, config, self.device, chosen, self.onednn, self.kernel)
         try:
             generation_eos = GenerationConfig.from_pretrained(model_path).eos_token_id
         except OSError:
@@ -50,16 +56,12 @@ class PagedExecutor(ExecutorBase):
         self.pool: PagedKVPool | None = None
         self.rows: list[Request] = []
         """The running set, in the order ``decode`` returns tokens."""
-        self.kernel = None
-        if attention_kernel == "cpp" or (attention_kernel == "auto" and self.device.type == "cpu"):
-            self.kernel = paged_attention_kernel(log)
-            if self.kernel is None and attention_kernel == "cpp":
-                raise RuntimeError("attention_kernel cpp: the CPU decode-attention kernel could not be built")
         matmuls = "oneDNN prepacked" if self.onednn else "F.linear"
         attention = "compiled CPU kernel" if self.kernel is not None else "torch ops"
+        elementwise = "fused CPU kernels" if self.model.kernels is not None else "torch ops"
         log(f"loaded {config.model_type} ({self.model.num_parameters / 1e6:.1f}M parameters, {chosen}) on "
             f"{self.device} with {torch.get_num_threads()} threads: paged executor (pages of {page_size}, "
-            f"{matmuls} matmuls, decode attention on {attention})")
+            f"{matmuls} matmuls, decode attention on {attention}, elementwise steps on {elementwise})")
 
     @property
     def num_parameters(self) -> int:

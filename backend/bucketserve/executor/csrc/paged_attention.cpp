@@ -3,7 +3,7 @@
 // query heads of the group (reading the keys once), then one softmax over them and the weighted sum of
 // the values (reading the values once). A row's scores fit in L2 (max_model_len floats per query head);
 // with the head size known at compile time (64, 128) the value accumulator lives in registers.
-// Built on first use by bucketserve.executor.kernels (torch.utils.cpp_extension); the torch path in
+// Built on first use with the other kernels (module.cpp, by bucketserve.executor.kernels); the torch path in
 // attention.py computes the same thing where this cannot be built.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -14,30 +14,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "vec.h"
+
+namespace bucketserve {
 namespace {
-
-// 16 floats: one AVX-512 register, or two or four narrower ones (GCC >= 12 and Clang vector extensions;
-// an older compiler fails the build and attention falls back to torch ops)
-typedef float Floats __attribute__((vector_size(64)));
-typedef float UnalignedFloats __attribute__((vector_size(64), aligned(4)));
-typedef uint16_t UnalignedHalves __attribute__((vector_size(32), aligned(2)));
-typedef uint32_t Words __attribute__((vector_size(64)));
-typedef float Floats8 __attribute__((vector_size(32)));
-typedef float Floats4 __attribute__((vector_size(16)));
-
-inline Floats load16(const float* p) { return *reinterpret_cast<const UnalignedFloats*>(p); }
-
-inline Floats load16(const c10::BFloat16* p) {  // bf16 is the upper half of a float
-  const Words widened = __builtin_convertvector(*reinterpret_cast<const UnalignedHalves*>(p), Words) << 16;
-  return reinterpret_cast<const Floats&>(widened);
-}
-
-inline float sum16(Floats v) {  // halving in registers, not 15 dependent adds
-  const Floats8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                    __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const Floats4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
 
 // q . k over DIM (a multiple of 16) with independent accumulators
 template <int DIM, typename T>
@@ -148,6 +128,4 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor key_pool, to
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "decode attention over a paged KV pool (CPU)");
-}
+}  // namespace bucketserve
