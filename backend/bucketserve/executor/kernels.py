@@ -3,7 +3,7 @@
 torch has no CPU op for attention over paged KV (its flex attention needs Inductor's compile, varlen
 attention is CUDA-only), and the elementwise steps of a layer (RMSNorm with the residual add, silu x up,
 rotary embedding) take several passes each as torch ops. So we build one small C++ module through
-``torch.utils.cpp_extension``: about 30 s the first time on a machine, cached in
+``torch.utils.cpp_extension``: about 15 s the first time on a machine, cached in
 ``~/.cache/torch_extensions`` after that (under a name that changes with the sources). Where it cannot
 be built (no compiler, no ninja) the executor falls back to torch ops and says so.
 """

@@ -1,14 +1,16 @@
 // The CPU kernels as one Python module, built on first use by bucketserve.executor.kernels.
-#include <torch/extension.h>
+// the tensor type casters alone, not all of torch/extension.h (with it the whole build took 31 s here, now 14)
+#include <pybind11/stl.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <optional>
 
 namespace bucketserve {
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor key_pool, torch::Tensor value_pool,
-                                     torch::Tensor tables, torch::Tensor lengths, double scale);
-torch::Tensor rms_norm(torch::Tensor x, std::optional<torch::Tensor> delta, torch::Tensor weight, double eps);
-torch::Tensor silu_mul(torch::Tensor gate_up);
-void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t heads, int64_t dim);
+at::Tensor paged_decode_attention(at::Tensor q, at::Tensor key_pool, at::Tensor value_pool,
+                                     at::Tensor tables, at::Tensor lengths, double scale);
+at::Tensor rms_norm(at::Tensor x, std::optional<at::Tensor> delta, at::Tensor weight, double eps);
+at::Tensor silu_mul(at::Tensor gate_up);
+void rope_(at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t heads, int64_t dim);
 }  // namespace bucketserve
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
