@@ -4,6 +4,9 @@ as transformers' generate(), stop strings and finish reasons owned by the engine
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -110,3 +113,24 @@ def test_logprobs_and_repetition_penalty_match_transformers(llm, model_dir):
         assert [v for _, v in lp.top] == pytest.approx(best.values.tolist(), abs=1e-4)
     [plain] = llm.generate(PROMPTS[1], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
     assert plain.logprobs is None and plain.cumulative_logprob is None
+
+
+def test_the_text_thread_runs_at_the_lowest_cpu_priority(llm):
+    """So that it takes the gaps between the model's parallel regions instead of stalling one."""
+    import threading
+    from pathlib import Path
+
+    output = next(t for t in threading.enumerate() if t.name == "bucketserve-output")
+    fields = Path(f"/proc/self/task/{output.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    assert int(fields[16]) == 19  # the 19th field of stat: nice
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) != 19  # the caller's thread is left alone
+
+
+def test_importing_bucketserve_makes_openmp_threads_wait_passively_unless_told_otherwise():
+    script = "import os, bucketserve; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    assert subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "ACTIVE"
