@@ -14,8 +14,11 @@ void rope_(at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t heads, int64_
 }  // namespace bucketserve
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &bucketserve::paged_decode_attention, "decode attention over a paged KV pool");
-  m.def("rms_norm", &bucketserve::rms_norm, "RMSNorm of each row, the residual add (x += delta) fused");
-  m.def("silu_mul", &bucketserve::silu_mul, "silu(gate) * up of a fused gate/up projection");
-  m.def("rope_", &bucketserve::rope_, "rotary embedding in place on the q and k heads of a fused qkv");
+  // without the GIL while they run, as torch's own ops: the threads that stream text and responses need it
+  // (holding it, attention alone kept them waiting a fifth of a decode step)
+  const auto no_gil = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("paged_decode_attention", &bucketserve::paged_decode_attention, "decode attention over a paged KV pool", no_gil);
+  m.def("rms_norm", &bucketserve::rms_norm, "RMSNorm of each row, the residual add (x += delta) fused", no_gil);
+  m.def("silu_mul", &bucketserve::silu_mul, "silu(gate) * up of a fused gate/up projection", no_gil);
+  m.def("rope_", &bucketserve::rope_, "rotary embedding in place on the q and k heads of a fused qkv", no_gil);
 }
