@@ -72,3 +72,13 @@ def test_greedy_tokens_equal_generate(checkpoint):
                 expected = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
                                               do_sample=False)[0, ids.shape[1]:].tolist()
             assert out.token_ids == expected, (reference.config.model_type, out.prompt[:20])
+
+
+@pytest.mark.parametrize("attention_kernel", ["cpp", "torch"])
+def test_decode_padding_counts_what_attention_reads(model_dir, attention_kernel):
+    """The compiled kernel reads only each row's positions (0% padding); torch ops read whole pages."""
+    with LLM(str(model_dir), device="cpu", executor="paged", attention_kernel=attention_kernel) as llm:
+        llm.generate(["Hello there", "def add(a, b):\n    return a + b\n" * 3],
+                     SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), use_tqdm=False)
+        padding = llm.engine.stats.decode_padding_total
+    assert padding == 0.0 if attention_kernel == "cpp" else 0.0 < padding < 1.0

@@ -181,8 +181,10 @@ class PagedExecutor(ExecutorBase):
         tokens = self.sampler(self.model.logits(self.model.forward(ids, positions, attend)), rows)
         for request in rows:  # only now: a failed forward advanced no row
             pool.tables[request.id].length += 1
+        # the compiled kernel reads each row's positions only; the torch ops read whole pages, the last one's tail masked
+        read = layout.real_positions if self.kernel is not None else layout.read_positions
         done, padded = self.last_decode_positions
-        self.last_decode_positions = (done + layout.read_positions, padded + layout.read_positions - layout.real_positions)
+        self.last_decode_positions = (done + read, padded + read - layout.real_positions)
         return tokens
 
     def _free(self, rows: list[Request]) -> None:
