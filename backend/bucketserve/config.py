@@ -44,8 +44,10 @@ class EngineConfig:
     """`auto`: our paged executor for Llama, Mistral, Qwen2 and Qwen3 checkpoints with safetensors
     weights (the others load through transformers); `paged` (ours, or the load fails saying why); `hf`
     (transformers, padded KV caches in decode groups)."""
-    kv_page_size: int = 16
-    """Paged executor: positions per KV page. A sequence holds whole pages, so each wastes less than one."""
+    kv_page_size: int = 128
+    """Paged executor: positions per KV page. A sequence holds whole pages, so each wastes less than one. Larger
+    pages are read in longer runs (vLLM's CPU backend uses 128): against 16, decode attention took 15% less time
+    and the default model's peers workload ran 6-9% faster in process."""
     attention_kernel: str = "auto"
     """Paged executor's CPU kernels (decode attention; in float32 also RMSNorm with the residual add, silu x up
     and RoPE, fused): `auto` (on the CPU our C++ kernels, built on first use, else torch ops), `cpp` (the

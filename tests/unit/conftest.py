@@ -1,5 +1,7 @@
 """The default model, loaded once per executor, for the unit tests that run the engine on it: every such
-test runs on our paged executor and on the transformers one."""
+test runs on our paged executor and on the transformers one. Pages of 16 positions: the tests give budgets
+of a few hundred positions, which pages of the default 128 would round away (the integration tests and
+``LLM`` tests run the default)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from bucketserve.factory import LoadedModel, load_model
 
 @pytest.fixture(scope="session", params=["paged", "hf"])
 def model(model_dir, request) -> LoadedModel:
-    return load_model(EngineConfig(device="cpu", executor=request.param), str(model_dir), log=lambda _m: None)
+    return load_model(EngineConfig(device="cpu", executor=request.param, kv_page_size=16), str(model_dir),
+                      log=lambda _m: None)
 
 
 @pytest.fixture(scope="session")

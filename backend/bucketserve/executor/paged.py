@@ -29,7 +29,7 @@ from bucketserve.executor.sampler import Sampler
 
 class PagedExecutor(ExecutorBase):
     def __init__(self, model_path: str, config: Any, tokenizer: Any, device: str = "auto", dtype: str = "auto",
-                 num_threads: int = 0, page_size: int = 16, attention_kernel: str = "auto",
+                 num_threads: int = 0, page_size: int = 128, attention_kernel: str = "auto",
                  log: Callable[[str], None] = print):
         from transformers import GenerationConfig
 
