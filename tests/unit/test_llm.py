@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import pytest
 
@@ -117,9 +119,6 @@ def test_logprobs_and_repetition_penalty_match_transformers(llm, model_dir):
 
 def test_the_text_thread_runs_at_the_lowest_cpu_priority(llm):
     """So that it takes the gaps between the model's parallel regions instead of stalling one."""
-    import threading
-    from pathlib import Path
-
     output = next(t for t in threading.enumerate() if t.name == "bucketserve-output")
     fields = Path(f"/proc/self/task/{output.native_id}/stat").read_text().rsplit(")", 1)[1].split()
     assert int(fields[16]) == 19  # the 19th field of stat: nice

@@ -152,17 +152,17 @@ class LlamaModel:
     def qkv(self, layer: LlamaLayer, qkv: torch.Tensor, cos: torch.Tensor,
             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q ``[tokens, heads, dim]``, k and v ``[tokens, kv_heads, dim]`` from the fused projection, RoPE applied."""
-        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        if self.kernels is not None and layer.q_norm is None:
+        fused = self.kernels is not None and layer.q_norm is None
+        if fused:  # in place on the q and k heads, before they are split into views
             tokens = qkv.shape[0]
             self.kernels.rope_(qkv, cos.view(tokens, -1), sin.view(tokens, -1), self.heads + self.kv_heads, self.head_dim)
-            q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-            return (q.view(-1, self.heads, self.head_dim), k.view(-1, self.kv_heads, self.head_dim),
-                    v.view(-1, self.kv_heads, self.head_dim))
+        q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(-1, self.heads, self.head_dim)
         k = k.view(-1, self.kv_heads, self.head_dim)
         v = v.view(-1, self.kv_heads, self.head_dim)
+        if fused:
+            return q, k, v
         if layer.q_norm is not None:
             q, k = rms_norm(q, layer.q_norm, self.eps), rms_norm(k, layer.k_norm, self.eps)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
