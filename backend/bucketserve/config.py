@@ -100,6 +100,9 @@ class EngineConfig:
     """A streamed request's text waits up to this long to share one response with what follows (its first
     text and its end go at once), like vLLM's stream interval: fewer Triton responses when many streams
     run (each costs the model process an IPC call); 0 sends each step's text as soon as it is ready."""
+    stream_response_share: float = 0.2
+    """With many streams, their responses are spaced further apart than stream_interval_ms, so that building and
+    sending them takes at most this share of the time (measured as it runs); 1 leaves stream_interval_ms alone."""
     cancel_poll_ms: int = 50
     """How often the response thread asks Triton whether clients cancelled their requests; with many streams less
     often, so that polling (an IPC call per stream) takes at most 2% of the time."""
@@ -122,7 +125,8 @@ class EngineConfig:
         for name in ("kv_cache_bytes", "max_queue_delay_ms", "max_queue_size", "slo_expiry", "stream_interval_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"parameter {name} must be >= 0, got {getattr(self, name)}")
-        for name in ("kv_cache_memory_fraction", "kv_safety", "bucket_theta", "bucket_merge_ratio", "deadline_urgency"):
+        for name in ("kv_cache_memory_fraction", "kv_safety", "bucket_theta", "bucket_merge_ratio", "deadline_urgency",
+                     "stream_response_share"):
             if not 0 < getattr(self, name) <= 1:
                 raise ConfigError(f"parameter {name} must be in (0, 1], got {getattr(self, name)}")
         if self.bucket_min_width < 1 or self.aging_ms <= 0:

@@ -71,7 +71,8 @@ class TritonPythonModel:
         self.responses = ResponseThread(self.engine, self.config.cancel_poll_ms / 1000, log=self.logger.log_error,
                                         on_tick=lambda: self.metrics.update(self.engine.monitor),
                                         tick_s=self.config.metrics_interval_ms / 1000,
-                                        stream_interval_s=self.config.stream_interval_ms / 1000)
+                                        stream_interval_s=self.config.stream_interval_ms / 1000,
+                                        stream_share=self.config.stream_response_share)
         self.responses.start()
         self.engine.start()
 

@@ -22,6 +22,7 @@ from bucketserve.engine.executor import TokenLogprobs
 from bucketserve.engine.outputs import RequestOutput, coalesce
 from bucketserve.engine.request import FinishReason, Request
 from bucketserve.triton.inputs import OutputOptions
+from bucketserve.triton.pacing import StreamPacer
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 POLL_SHARE = 0.02
@@ -78,14 +79,15 @@ class ClientStream:
 
 class ResponseThread:
     def __init__(self, engine: Engine, poll_s: float, log: Callable[[str], None],
-                 on_tick: Callable[[], None] = lambda: None, stream_interval_s: float = 0.0, tick_s: float = 0.5):
+                 on_tick: Callable[[], None] = lambda: None, stream_interval_s: float = 0.0, tick_s: float = 0.5,
+                 stream_share: float = 1.0):
         self.engine = engine
         self.poll_s = poll_s
         self.tick_s = tick_s
         """How often ``on_tick`` (the metrics update) runs."""
-        self.stream_interval_s = stream_interval_s
-        """A stream's text waits at most this long to share a response with what comes next (its first text and
-        its end go at once): fewer, larger responses, the same text in total."""
+        self.pacer = StreamPacer(stream_interval_s, stream_share)
+        """A stream's text waits to share a response with what comes next (its first text and its end go at once):
+        fewer, larger responses, the same text in total."""
         self.log = log
         self.on_tick = on_tick
         self._queue: queue.Queue = queue.Queue()
@@ -126,6 +128,8 @@ class ResponseThread:
             for kind, item in items:
                 if kind == "register":
                     self._streams[item.request.id] = item
+                    if item.options.stream:
+                        self.pacer.opened()
                 elif kind == "outputs":
                     outputs += item
             for output in coalesce(outputs):
@@ -163,6 +167,8 @@ class ResponseThread:
         if final:
             stream.done = True
             self._streams.pop(stream.request.id, None)
+            if stream.options.stream:
+                self.pacer.closed()
         stream.sender.send(response, flags=FINAL if final else 0)
 
     def _on_output(self, output: RequestOutput) -> None:
@@ -185,10 +191,10 @@ class ResponseThread:
         stream.pending_text += output.text
         if stream.options.stream:
             now = time.monotonic()
-            due = stream.last_sent is None or now - stream.last_sent >= self.stream_interval_s
-            if finish is not None or (stream.pending_text and due):
+            if finish is not None or (stream.pending_text and self.pacer.due(stream.last_sent, now)):
                 self._send(stream, stream.response(stream.pending_text, finish, self._decode), final=finish is not None)
                 stream.pending_text, stream.last_sent = "", now
+                self.pacer.sent(time.monotonic() - now)
             return
         if finish is not None:
             text = stream.pending_text if stream.options.exclude_input_in_output else stream.request.prompt + stream.pending_text
