@@ -12,6 +12,8 @@ VLLM_PORT=${VLLM_PORT:-8200}
 RATES=${RATES:-2,4,6,8,12,16}
 MODEL_DIR=${MODEL_DIR:-$("$BIN/python" -c "from bucketserve_client.defaults import default_model_dir as d; print(d())")}
 MAX_LEN=${MAX_LEN:-2048}
+# both servers compute in this dtype (float32 or bfloat16); ours also keeps its KV cache in it, as vLLM's "auto" does
+DTYPE=${DTYPE:-float32}
 TMP=$(mktemp -d -t bench-vllm.XXXXXX)
 
 if [ ! -x "$VLLM_VENV/bin/python" ] || ! "$VLLM_VENV/bin/python" -c "import vllm" 2>/dev/null; then
@@ -32,14 +34,14 @@ run_all() {  # $1: target URL, $2: name
     --out "$TMP/$2-sweep" >&2
 }
 
-start_server --model-path "$MODEL_DIR"
+start_server --model-path "$MODEL_DIR" --param "dtype=$DTYPE"
 run_all "triton://127.0.0.1:$GRPC_PORT/bucketserve?metrics=$METRICS_PORT" bucketserve
 stop_server
 
 echo "[bench-vllm] starting vLLM on 127.0.0.1:$VLLM_PORT" >&2
 VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-0-$(($(nproc) - 1))} VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
   "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" --host 127.0.0.1 \
-  --port "$VLLM_PORT" --dtype float32 --max-model-len "$MAX_LEN" --no-enable-prefix-caching \
+  --port "$VLLM_PORT" --dtype "$DTYPE" --max-model-len "$MAX_LEN" --no-enable-prefix-caching \
   --gpu-memory-utilization "${VLLM_MEMORY:-0.3}" \
   >"$TMP/vllm.log" 2>&1 &
 VLLM_PID=$!

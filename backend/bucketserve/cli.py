@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from bucketserve.config import MODEL_PATH_ENV
+from bucketserve.config import MODEL_PATH_ENV, ConfigError, parse_param
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 
@@ -17,6 +17,11 @@ def _serve(args: argparse.Namespace) -> int:
     from bucketserve.launcher import server
     from bucketserve.tools.model_builder import ensure_default_model
 
+    try:
+        params = dict(parse_param(p) for p in args.param)
+    except ConfigError as e:
+        print(f"[bucketserve] ERROR: --param: {e}", file=sys.stderr)
+        return 2
     if args.model_path is None:
         ensure_default_model(log=lambda m: print(m, flush=True))
     elif not args.model_path.is_dir():
@@ -25,7 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         return server.serve(args.model_repository, args.model_path, args.http_port, args.grpc_port,
                             args.metrics_port, args.address, args.ready_timeout, args.tritonserver_arg,
-                            args.stub_watch_s, args.openai_port)
+                            args.stub_watch_s, args.openai_port, params)
     except server.LaunchError as e:
         print(f"[bucketserve] ERROR: {e}", file=sys.stderr)
         return 1
@@ -53,6 +58,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--stub-watch-s", type=float, default=1.0,
                    help="how often to check the models' Python stub processes; when one has died, stop "
                         "tritonserver (exit code 3) so health checks fail and a supervisor restarts it. 0: off")
+    s.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine parameter for every model in the repository, in place of config.pbtxt's, e.g. "
+                        "--param dtype=bfloat16 --param max_num_seqs=32 (repeatable; the README lists them)")
     s.set_defaults(func=_serve)
 
 

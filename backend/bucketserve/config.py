@@ -7,12 +7,15 @@ instead of being silently ignored.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, fields
 
 from bucketserve.engine.policy import POLICIES
 
 MODEL_PATH_ENV = "BUCKETSERVE_MODEL_PATH"
+PARAMS_ENV = "BUCKETSERVE_PARAMS"
+"""JSON object of parameters that override config.pbtxt's in every model (`bucketserve serve --param`)."""
 
 
 class ConfigError(ValueError):
@@ -161,6 +164,11 @@ class EngineConfig:
                 raise ConfigError(f"parameter {key} must be {kind.__name__}, got {raw!r}") from None
         return cls(**values)
 
+    @classmethod
+    def from_model_config(cls, params: dict[str, str]) -> "EngineConfig":
+        """config.pbtxt's parameters, with those of ``$BUCKETSERVE_PARAMS`` in their place."""
+        return cls.from_parameters({**params, **parameter_overrides()})
+
     def instance_device(self, kind: str, device_id: str) -> str:
         """The device an instance runs on: ``device`` if set, else the GPU Triton gave a KIND_GPU
         instance (``model_instance_kind`` / ``model_instance_device_id``), else ``auto``."""
@@ -176,3 +184,25 @@ class EngineConfig:
             return os.path.normpath(os.path.join(model_dir, self.model_path)), "config.pbtxt model_path"
         return default_dir, "default model"
 
+
+def parameter_overrides() -> dict[str, str]:
+    raw = os.environ.get(PARAMS_ENV, "")
+    try:
+        params = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"${PARAMS_ENV} is not valid JSON: {e}") from None
+    if not isinstance(params, dict) or not all(isinstance(v, str) for v in params.values()):
+        raise ConfigError(f"${PARAMS_ENV} must be a JSON object of strings, got {raw!r}")
+    return params
+
+
+def parse_param(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` from the command line; the key must be an engine parameter."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"expected KEY=VALUE, got {text!r}")
+    known = {f.name for f in fields(EngineConfig)}
+    if key not in known:
+        raise ConfigError(f"unknown parameter {key!r}; known: {', '.join(sorted(known))}")
+    return key, value

@@ -92,10 +92,10 @@ class Server:
 
 
 def start_server(model_path: Path, log: Path, timeout: float = 300, repository: Path | None = None,
-                 env: dict[str, str] | None = None, openai: bool = False) -> Server:
+                 env: dict[str, str] | None = None, openai: bool = False, args: tuple[str, ...] = ()) -> Server:
     http, grpc, metrics, openai_port = free_ports(4)
     cmd = [sys.executable, "-m", "bucketserve.cli", "serve", "--model-path", str(model_path),
-           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), *args]
     if openai:
         cmd += ["--openai-port", str(openai_port)]
     if repository is not None:

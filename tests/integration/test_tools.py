@@ -42,7 +42,12 @@ def test_launcher_reports_a_failed_load_and_exits_nonzero(tmp_path):
     assert f"{empty} is not a Hugging Face model directory (no config.json)" in out.stderr
 
 
-def test_launcher_forwards_sigterm_and_exits_cleanly(model_dir, tmp_path):
-    server = start_server(model_dir, tmp_path / "server.log")
+def test_launcher_applies_params_and_forwards_sigterm(model_dir, tmp_path):
+    server = start_server(model_dir, tmp_path / "server.log", args=("--param", "dtype=bfloat16",
+                                                                     "--param", "scheduler_policy=continuous"))
+    for model in ("bucketserve", "bucketserve_fcfs_static"):  # every model, in place of its config.pbtxt's
+        assert server.metric("bucketserve_model_info", model=model, dtype="bfloat16") > 0
+    assert "policy continuous" in server.log.read_text()
+    assert "policy bucket;" not in server.log.read_text()
     assert stop_server(server) == 0
     assert "tritonserver exited with code 0" in server.log.read_text()

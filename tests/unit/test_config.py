@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bucketserve.config import MODEL_PATH_ENV, ConfigError, EngineConfig
+from bucketserve.config import MODEL_PATH_ENV, PARAMS_ENV, ConfigError, EngineConfig, parse_param
 from bucketserve.triton.interface import INPUTS, OUTPUTS
 
 
@@ -41,6 +41,27 @@ def test_model_path_precedence(monkeypatch):
     assert EngineConfig(model_path="../w").resolve_model_path("/repo/m", "/d")[0] == "/repo/w"
     monkeypatch.setenv(MODEL_PATH_ENV, "/cli")
     assert EngineConfig(model_path="../w").resolve_model_path("/repo/m", "/d")[0] == "/cli"
+
+
+def test_command_line_parameters_override_config_pbtxt(monkeypatch):
+    monkeypatch.setenv(PARAMS_ENV, '{"dtype": "bfloat16", "max_num_seqs": "8"}')
+    c = EngineConfig.from_model_config({"dtype": "float32", "scheduler_policy": "continuous"})
+    assert (c.dtype, c.max_num_seqs, c.scheduler_policy) == ("bfloat16", 8, "continuous")
+    monkeypatch.setenv(PARAMS_ENV, '{"max_num_seqs": "0"}')
+    with pytest.raises(ConfigError, match="max_num_seqs must be >= 1"):
+        EngineConfig.from_model_config({})
+    for bad in ("[1]", '{"dtype": 1}', "{oops"):
+        monkeypatch.setenv(PARAMS_ENV, bad)
+        with pytest.raises(ConfigError, match=PARAMS_ENV):
+            EngineConfig.from_model_config({})
+
+
+def test_param_flag_parsing():
+    assert parse_param("dtype=bfloat16") == ("dtype", "bfloat16")
+    assert parse_param("stream_interval_ms=0") == ("stream_interval_ms", "0")
+    for bad, message in (("dtype", "KEY=VALUE"), ("=1", "KEY=VALUE"), ("max_num_seq=8", "unknown parameter")):
+        with pytest.raises(ConfigError, match=message):
+            parse_param(bad)
 
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"

@@ -9,6 +9,7 @@ PATH so the stub imports this environment's packages (numpy, torch, transformers
 from __future__ import annotations
 
 import collections
+import json
 import os
 import shutil
 import signal
@@ -23,7 +24,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bucketserve.config import MODEL_PATH_ENV
+from bucketserve.config import MODEL_PATH_ENV, PARAMS_ENV
 from bucketserve.launcher.watchdog import StubWatch
 
 STUB_DIED_EXIT = 3
@@ -147,7 +148,8 @@ def start_gateway(address: str, grpc_port: int, port: int, model_path: Path | No
 
 
 def serve(model_repository: Path, model_path: Path | None, http_port: int, grpc_port: int, metrics_port: int,
-          address: str, ready_timeout: float, extra: list[str], stub_watch_s: float = 1.0, openai_port: int = 0) -> int:
+          address: str, ready_timeout: float, extra: list[str], stub_watch_s: float = 1.0, openai_port: int = 0,
+          params: dict[str, str] | None = None) -> int:
     """Run tritonserver (and the OpenAI gateway, if ``openai_port``) until it exits or we are signalled;
     return its exit code."""
     with tempfile.TemporaryDirectory(prefix="bucketserve-backends-") as tmp:
@@ -155,6 +157,8 @@ def serve(model_repository: Path, model_path: Path | None, http_port: int, grpc_
                             address, extra)
         if model_path is not None:
             cmd.env[MODEL_PATH_ENV] = str(model_path.resolve())
+        if params:
+            cmd.env[PARAMS_ENV] = json.dumps(params)
         print(f"[bucketserve] starting {' '.join(cmd.argv)}", flush=True)
         proc = subprocess.Popen(cmd.argv, env=cmd.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, errors="replace")

@@ -52,7 +52,7 @@ class TritonPythonModel:
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise pb_utils.TritonModelException("bucketserve needs model_transaction_policy { decoupled: true }")
         params = {k: v["string_value"] for k, v in model_config.get("parameters", {}).items()}
-        self.config = EngineConfig.from_parameters(params)
+        self.config = EngineConfig.from_model_config(params)
         path, source = self.config.resolve_model_path(args["model_repository"], str(default_model_dir()))
         if source == "default model" and not is_built(path):
             raise pb_utils.TritonModelException(
