@@ -86,3 +86,33 @@ def test_written_keys_land_in_their_pages_and_packed_prefill_stays_within_each_s
     out = prefill_attention(q, k, v, lengths, dim ** -0.5)
     alone = prefill_attention(q[3:], k[3:], v[3:], [6], dim ** -0.5)
     torch.testing.assert_close(out[3:], alone)  # the second sequence never sees the first
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kv_write_kernel_stores_what_index_copy_stores(dtype):
+    """Keys and values as the executor passes them: strided views into the fused qkv projection's output."""
+    kernel = cpu_kernels(log=print)
+    assert kernel is not None, "the CPU kernels did not build"
+    torch.manual_seed(2)
+    heads, kv_heads, dim = 4, 2, 8
+    by_torch, by_kernel = pool(dim=dim, dtype=dtype), pool(dim=dim, dtype=dtype)
+    by_kernel.kernels = kernel
+    for p in (by_torch, by_kernel):
+        p.keys[0].zero_()
+        p.values[0].zero_()
+        p.reserve(0, 5)
+        p.reserve(1, 9)
+    pages, offsets = [], []
+    for seq, n in ((0, 5), (1, 9)):
+        pg, off = by_torch.slots(seq, 0, n)
+        pages, offsets = pages + pg, offsets + off
+    qkv = torch.randn(14, (heads + 2 * kv_heads) * dim, dtype=dtype)
+    _, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    k, v = k.view(14, kv_heads, dim), v.view(14, kv_heads, dim)
+    slots = by_torch.slot_index(pages, offsets)
+    by_torch.write(0, slots, k, v)
+    by_kernel.write(0, slots, k, v)
+    assert torch.equal(by_kernel.keys[0], by_torch.keys[0]) and torch.equal(by_kernel.values[0], by_torch.values[0])
+    assert by_kernel.keys[0].count_nonzero() == 14 * kv_heads * dim  # every row written, nothing else
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        by_kernel.write(0, torch.full_like(slots, by_kernel.keys[0].numel() // dim), k, v)

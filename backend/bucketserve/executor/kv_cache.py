@@ -10,6 +10,7 @@ for the whole budget at once.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -27,7 +28,9 @@ class PageTable:
 
 class PagedKVPool:
     def __init__(self, layers: int, kv_heads: int, head_dim: int, page_size: int, num_pages: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, kernels: Any = None):
+        self.kernels = kernels if device.type == "cpu" else None
+        """The compiled CPU kernels (their ``kv_write``), or None: torch's ``index_copy_``."""
         self.page_size = page_size
         self.num_pages = num_pages
         shape = (num_pages, kv_heads, page_size, head_dim)
@@ -80,6 +83,9 @@ class PagedKVPool:
 
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store ``keys``/``values`` ``[tokens, kv_heads, head_dim]`` at ``slots`` (from ``slot_index``)."""
+        if self.kernels is not None:
+            self.kernels.kv_write(self.keys[layer], self.values[layer], slots, keys, values)
+            return
         dim = keys.shape[-1]
         self.keys[layer].view(-1, dim).index_copy_(0, slots, keys.reshape(-1, dim))
         self.values[layer].view(-1, dim).index_copy_(0, slots, values.reshape(-1, dim))

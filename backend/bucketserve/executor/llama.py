@@ -112,17 +112,24 @@ class LlamaModel:
         rope = LlamaRotaryEmbedding(config)
         self.inv_freq = rope.inv_freq.float().to(device)
         self.rope_scaling = float(rope.attention_scaling)
+        self._rope_cos = self._rope_sin = torch.empty(0, 2 * len(self.inv_freq), dtype=dtype, device=device)
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``[tokens, 1, head_dim]`` at these positions, as the model's rotary embedding makes them."""
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return ((emb.cos() * self.rope_scaling).to(self.dtype)[:, None, :],
-                (emb.sin() * self.rope_scaling).to(self.dtype)[:, None, :])
+    def rope(self, positions: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[tokens, 1, head_dim]`` at these positions (all below ``end``), as the model's rotary
+        embedding makes them: rows of a table computed once (per position, so a row never depends on its batch),
+        which grows when a longer context comes."""
+        if end > self._rope_cos.shape[0]:
+            table = torch.arange(max(end, 2 * self._rope_cos.shape[0]), device=self.device).float()
+            freqs = table[:, None] * self.inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rope_cos = (emb.cos() * self.rope_scaling).to(self.dtype)
+            self._rope_sin = (emb.sin() * self.rope_scaling).to(self.dtype)
+        return self._rope_cos[positions][:, None, :], self._rope_sin[positions][:, None, :]
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
-        """Hidden states ``[tokens, hidden]`` (before the final norm) of packed tokens."""
-        cos, sin = self.rope(positions)
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, end: int, attend: Attend) -> torch.Tensor:
+        """Hidden states ``[tokens, hidden]`` (before the final norm) of packed tokens at ``positions`` (all below
+        ``end``)."""
+        cos, sin = self.rope(positions, end)
         x = F.embedding(ids, self.embed)
         h = self.add_norm(x, None, self.layers[0].input_norm)
         for i, layer in enumerate(self.layers):

@@ -82,7 +82,7 @@ class PagedExecutor(ExecutorBase):
         m = self.model
         self.reset()
         self.pool = PagedKVPool(len(m.layers), m.kv_heads, m.head_dim, self.page_size,
-                                max(1, budget_bytes // per_page), m.dtype, self.device)
+                                max(1, budget_bytes // per_page), m.dtype, self.device, self.kernel)
 
     @torch.inference_mode()
     def free_device_memory(self, max_prefill_tokens: int, max_len: int) -> int | None:
@@ -98,7 +98,7 @@ class PagedExecutor(ExecutorBase):
         positions = torch.arange(max_prefill_tokens, device=self.device) % n
         lengths = [n] * (max_prefill_tokens // n) + ([max_prefill_tokens % n] if max_prefill_tokens % n else [])
         scale = self.model.scale
-        hidden = self.model.forward(ids, positions, lambda _i, q, k, v: prefill_attention(q, k, v, lengths, scale))
+        hidden = self.model.forward(ids, positions, n, lambda _i, q, k, v: prefill_attention(q, k, v, lengths, scale))
         self.model.logits(hidden[-len(lengths):])
         peak = torch.cuda.max_memory_allocated(self.device) - base
         torch.cuda.empty_cache()
@@ -137,7 +137,7 @@ class PagedExecutor(ExecutorBase):
             pool.write(layer, slots, k[:total], v[:total])
             return prefill_attention(q, k, v, lengths, scale)
 
-        hidden = self.model.forward(ids, positions, attend)
+        hidden = self.model.forward(ids, positions, max(lengths), attend)
         last = torch.tensor(lengths, device=dev).cumsum(0) - 1
         tokens = self.sampler(self.model.logits(hidden.index_select(0, last)), batch)
         for request in batch:
@@ -178,7 +178,8 @@ class PagedExecutor(ExecutorBase):
             pool.write(layer, slots, k, v)
             return decode_attention(q, pool.keys[layer], pool.values[layer], layout, scale, self.kernel)
 
-        tokens = self.sampler(self.model.logits(self.model.forward(ids, positions, attend)), rows)
+        hidden = self.model.forward(ids, positions, max(n for _, n in tables), attend)
+        tokens = self.sampler(self.model.logits(hidden), rows)
         for request in rows:  # only now: a failed forward advanced no row
             pool.tables[request.id].length += 1
         # the compiled kernel reads each row's positions only; the torch ops read whole pages, the last one's tail masked

@@ -11,6 +11,7 @@ at::Tensor paged_decode_attention(at::Tensor q, at::Tensor key_pool, at::Tensor 
 at::Tensor rms_norm(at::Tensor x, std::optional<at::Tensor> delta, at::Tensor weight, double eps);
 at::Tensor silu_mul(at::Tensor gate_up);
 void rope_(at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t heads, int64_t dim);
+void kv_write(at::Tensor key_pool, at::Tensor value_pool, at::Tensor slots, at::Tensor keys, at::Tensor values);
 }  // namespace bucketserve
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -21,4 +22,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &bucketserve::rms_norm, "RMSNorm of each row, the residual add (x += delta) fused", no_gil);
   m.def("silu_mul", &bucketserve::silu_mul, "silu(gate) * up of a fused gate/up projection", no_gil);
   m.def("rope_", &bucketserve::rope_, "rotary embedding in place on the q and k heads of a fused qkv", no_gil);
+  m.def("kv_write", &bucketserve::kv_write, "a step's keys and values to their rows of the paged pool", no_gil);
 }
