@@ -55,8 +55,9 @@ class EngineConfig:
     """Paged executor's CPU kernels (decode attention; in float32 also RMSNorm with the residual add, silu x up
     and RoPE, fused): `auto` (on the CPU our C++ kernels, built on first use, else torch ops), `cpp` (the
     kernels, or the load fails), `torch` (torch ops everywhere)."""
-    max_num_seqs: int = 64
-    """Most sequences in the running (decode) set at once."""
+    max_num_seqs: int = 128
+    """Most sequences in the running (decode) set at once (vLLM's CPU server default; the KV budget may allow
+    fewer, N_max)."""
     max_prefill_tokens: int = 4096
     """Most tokens one prefill batch computes: prompt tokens when prefill is packed (paged executor),
     batch size x longest prompt when it is padded (hf)."""
