@@ -153,11 +153,9 @@ class EngineConfig:
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> "EngineConfig":
         """Build from config.pbtxt string parameters; unknown keys are errors, not silently ignored."""
-        known = {f.name: f for f in fields(cls)}
         values: dict[str, object] = {}
         for key, raw in params.items():
-            if key not in known:
-                raise ConfigError(f"unknown parameter {key!r}; known: {', '.join(sorted(known))}")
+            check_known(key)
             kind = type(getattr(cls, key))
             try:
                 values[key] = _convert(kind, raw.strip())
@@ -203,7 +201,11 @@ def parse_param(text: str) -> tuple[str, str]:
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"expected KEY=VALUE, got {text!r}")
+    check_known(key)
+    return key, value
+
+
+def check_known(key: str) -> None:
     known = {f.name for f in fields(EngineConfig)}
     if key not in known:
         raise ConfigError(f"unknown parameter {key!r}; known: {', '.join(sorted(known))}")
-    return key, value

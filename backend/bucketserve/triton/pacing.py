@@ -22,23 +22,20 @@ class StreamPacer:
         self.share = share
         self.streams = 0
         self.cost_s = 0.0
-        self.interval_s = floor_s
+
+    @property
+    def interval_s(self) -> float:
+        return max(self.floor_s, self.streams * self.cost_s / self.share)
 
     def opened(self) -> None:
         self.streams += 1
-        self._update()
 
     def closed(self) -> None:
         self.streams -= 1
-        self._update()
 
     def sent(self, seconds: float) -> None:
         """One response took ``seconds`` from building it to Triton having taken it."""
         self.cost_s += COST_WEIGHT * (seconds - self.cost_s)
-        self._update()
 
     def due(self, last_sent: float | None, now: float) -> bool:
         return last_sent is None or now - last_sent >= self.interval_s
-
-    def _update(self) -> None:
-        self.interval_s = max(self.floor_s, self.streams * self.cost_s / self.share)
