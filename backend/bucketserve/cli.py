@@ -1,5 +1,5 @@
 """`bucketserve`: start the server, run a batch file offline, build the default model, benchmark the policies,
-or serve the OpenAI API in front of Triton."""
+serve the OpenAI API in front of Triton, or simulate the scheduler on other hardware."""
 
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def parser() -> argparse.ArgumentParser:
     from bucketserve.openai import gateway
+    from bucketserve.sim import cli as simulate
     from bucketserve.tools import generate, model_builder, policy_bench
 
     p = argparse.ArgumentParser(prog="bucketserve", description=__doc__)
@@ -83,6 +84,7 @@ def parser() -> argparse.ArgumentParser:
     o = sub.add_parser("openai-gateway", help="serve OpenAI-compatible /v1/completions in front of Triton")
     gateway.add_arguments(o)
     o.set_defaults(func=gateway.main)
+    simulate.add_parsers(sub)
     return p
 
 

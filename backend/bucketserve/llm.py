@@ -14,7 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, Union
 
 from bucketserve.config import EngineConfig
 from bucketserve.engine.executor import TokenLogprobs
@@ -57,6 +57,10 @@ class Delta:
     logprobs: list[TokenLogprobs] | None = None
 
 
+Prompt = Union[str, dict]
+"""Text, or ``{"prompt_token_ids": [...]}``."""
+
+
 class LLM:
     def __init__(self, model: str | None = None, log: Any = None, **engine_params: Any):
         from bucketserve.tools.model_builder import ensure_default_model
@@ -90,13 +94,14 @@ class LLM:
         with self._lock:
             self._queues.pop(request.id, None)
 
-    def generate(self, prompts: str | Sequence[str], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  priority: Priority | Sequence[Priority] = Priority.OFFLINE, use_tqdm: bool = True) -> list[Completion]:
-        """Run every prompt to its end; one ``Completion`` per prompt, in order. A prompt the engine
-        refuses raises ``InvalidInput`` (naming its index) before any is submitted."""
+        """Run every prompt to its end; one ``Completion`` per prompt, in order. A prompt is text, or token ids
+        as ``{"prompt_token_ids": [...]}`` (as vLLM's ``TokensPrompt``). A prompt the engine refuses raises
+        ``InvalidInput`` (naming its index) before any is submitted."""
         from tqdm import tqdm
 
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params or SamplingParams()] * len(prompts)
         priorities = priority if isinstance(priority, Sequence) else [priority] * len(prompts)
         if not len(params) == len(priorities) == len(prompts):
@@ -104,7 +109,13 @@ class LLM:
         requests = []
         for i, (prompt, sampling, prio) in enumerate(zip(prompts, params, priorities)):
             try:
-                requests.append(self.engine.make_request(prompt, sampling, prio))
+                if isinstance(prompt, dict):
+                    if set(prompt) != {"prompt_token_ids"}:
+                        raise InvalidInput(f"a token prompt is {{'prompt_token_ids': [...]}}, got keys {sorted(prompt)}")
+                    ids = [int(t) for t in prompt["prompt_token_ids"]]
+                    requests.append(self.engine.make_request("", sampling, prio, prompt_ids=ids))
+                else:
+                    requests.append(self.engine.make_request(prompt, sampling, prio))
             except InvalidInput as e:
                 raise InvalidInput(f"prompt index {i}: {e}") from None
         results: queue.Queue = queue.Queue()

@@ -62,7 +62,7 @@ def _model_len(tokenizer_dir: Path) -> int:
     return int(getattr(AutoConfig.from_pretrained(tokenizer_dir), "max_position_embeddings", 2048))
 
 
-def _describe(name: str, specs: list[RequestSpec], classes: tuple[PriorityClass, ...]) -> str:
+def describe(name: str, specs: list[RequestSpec], classes: tuple[PriorityClass, ...]) -> str:
     prompts = sorted(s.prompt_len for s in specs)
     outputs = [s.output_len for s in specs]
     shares = ", ".join(f"{c.name} {sum(s.cls.name == c.name for s in specs)}" for c in classes)
@@ -71,11 +71,11 @@ def _describe(name: str, specs: list[RequestSpec], classes: tuple[PriorityClass,
             f"{sum(outputs)} in all; classes: {shares}")
 
 
-def _classes_text(classes: tuple[PriorityClass, ...]) -> str:
+def classes_text(classes: tuple[PriorityClass, ...]) -> str:
     return "; ".join(f"{c.name} {c.share:g} (TTFT <= {c.ttft_ms:g} ms, e2e <= {c.e2e_ms:g} ms)" for c in classes)
 
 
-def _run_json(record: loadgen.RunRecord, offered: float | None) -> dict[str, Any]:
+def run_json(record: loadgen.RunRecord, offered: float | None) -> dict[str, Any]:
     return {"summary": asdict(summarize(record.outcomes, offered)), "server": record.server,
             "samples": [asdict(s) for s in record.samples],
             "outcomes": [{"cls": o.cls, "sent": o.sent, "ttft": o.ttft, "e2e": o.e2e,
@@ -114,14 +114,14 @@ async def bench_target(target: Target, specs: list[RequestSpec], pool: list[Requ
         batch = [replace(s, deadline=False) for s in specs]
         record = await loadgen.run(target, batch, arrival_times("offline", len(batch)), f"{target.label} offline")
         _check_tokens(target.label, record, batch)
-        result["offline"] = _run_json(record, None)
+        result["offline"] = run_json(record, None)
     for rate in rates:
         sweep = sweep_specs(pool, rate, args.sweep_seconds)
         # one seed for every rate: the same arrival pattern, compressed in time as the rate grows
         times = arrival_times(args.arrival, len(sweep), rate, args.seed, args.cv)
         record = await loadgen.run(target, sweep, times, f"{target.label} {rate:g} req/s")
         _check_tokens(target.label, record, sweep)
-        result["sweep"].append({"rate": rate, **_run_json(record, rate)})
+        result["sweep"].append({"rate": rate, **run_json(record, rate)})
         if result["sweep"][-1]["summary"]["slo_attainment"] < CAPACITY_ATTAINMENT and not args.full_sweep:
             break  # the crossing is found; higher rates only queue longer
     cap = capacity([(p["rate"], p["summary"]["slo_attainment"]) for p in result["sweep"]])
@@ -147,7 +147,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"[bench] making prompts with the tokenizer of {args.tokenizer}", file=sys.stderr, flush=True)
     specs = materialize(specs, PromptMaker(AutoTokenizer.from_pretrained(args.tokenizer), corpus_text()), args.seed)
     offline = specs if args.workload_file else specs[:args.num_requests]
-    description = _describe(name, offline, classes)
+    description = describe(name, offline, classes)
     print(f"[bench] workload: {description}", file=sys.stderr, flush=True)
     urls = [t.strip() for t in args.targets.split(",") if t.strip()]
     targets = [parse_target(url) for url in urls]
@@ -155,7 +155,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "environment": provenance.machine(),
         "workload": {"name": name, "description": description, "requests": len(offline), "seed": args.seed,
                      "max_model_len": max_len},
-        "classes": [asdict(c) for c in classes], "classes_text": _classes_text(classes),
+        "classes": [asdict(c) for c in classes], "classes_text": classes_text(classes),
         "sweep": {"rates": rates, "arrival": args.arrival, "cv": args.cv, "seconds": args.sweep_seconds},
         "targets": {},
     }

@@ -96,7 +96,7 @@ def test_decode_groups_keep_greedy_tokens(hf_model, reference, monkeypatch):
     monkeypatch.setattr(runner, "max_decode_groups", 3)
     engine, collector = new_engine(model, max_num_seqs=6)
     groups_seen = []
-    engine.emit = lambda events, emit=engine.emit: (groups_seen.append(len(runner.groups)), emit(events))[1]
+    engine.core.emit = lambda events, emit=engine.core.emit: (groups_seen.append(len(runner.groups)), emit(events))[1]
     engine.start()
     requests = [make(model, p, max_tokens=6 + 4 * i) for i, p in enumerate(PROMPTS * 2)]
     for r in requests:

@@ -34,6 +34,17 @@ def test_generate_returns_one_output_per_prompt_with_generates_greedy_tokens(llm
         assert (out.finish_reason, out.num_input_tokens, out.num_output_tokens, out.error) == ("length", len(ids), 12, None)
 
 
+def test_token_id_prompts_generate_what_their_text_does(llm):
+    sampling = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    by_text = llm.generate(PROMPTS[1:], sampling, use_tqdm=False)
+    ids = [llm.tokenizer(p).input_ids for p in PROMPTS[1:]]
+    by_ids = llm.generate([{"prompt_token_ids": i} for i in ids], sampling, use_tqdm=False)
+    assert [o.token_ids for o in by_ids] == [o.token_ids for o in by_text]
+    assert [o.num_input_tokens for o in by_ids] == [len(i) for i in ids]
+    with pytest.raises(InvalidInput, match="prompt_token_ids"):
+        llm.generate({"prompt_ids": [1, 2]}, sampling, use_tqdm=False)
+
+
 def test_per_prompt_sampling_and_priorities(llm):
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (3, 7, 5)]
     outs = llm.generate(PROMPTS, params, priority=[Priority.ONLINE, Priority.OFFLINE, Priority.ONLINE], use_tqdm=False)

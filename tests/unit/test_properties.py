@@ -178,7 +178,7 @@ def test_batches_follow_the_priority_order(jobs, now, order):
     budget = KVBudget(bytes_per_token=1, budget_bytes=10**9)
     sched = Scheduler(policy, budget, 10**6, L_MAX, max_num_seqs=8)
     for r in waiting:
-        sched.waiting.append(r)
+        sched.add(r)
     batch = sched.next_prefill(now)
     rank = lambda r: ordering.rank(r, now)  # noqa: E731
     home: Bucket = next(b for b in policy.buckets if batch[0] in b.requests)

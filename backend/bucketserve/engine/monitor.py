@@ -10,7 +10,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
 
 from bucketserve.engine.request import FinishReason, Request
 
@@ -89,15 +91,20 @@ class Observation:
 
 
 class Monitor:
-    def __init__(self, kv_budget_bytes: int = 0, max_pending: int = 100_000):
+    def __init__(self, kv_budget_bytes: int = 0, max_pending: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic):
+        self.clock = clock
+        """The engine's clock (a simulator's runs in simulated time)."""
         self._lock = threading.Lock()
-        self._snap = Snapshot(kv_budget_bytes=kv_budget_bytes)
+        self._snap = SimpleNamespace(**vars(Snapshot(kv_budget_bytes=kv_budget_bytes)))
+        """The figures, changed in place: copying a frozen Snapshot on every update cost more than the
+        rest of a simulated step; readers get a frozen copy."""
         self._arrival_times: deque[float] = deque()
         self._pending: deque[Observation] = deque(maxlen=max_pending)
 
     def snapshot(self) -> Snapshot:
         with self._lock:
-            return self._snap
+            return Snapshot(**vars(self._snap))
 
     def drain(self) -> list[Observation]:
         with self._lock:
@@ -106,10 +113,10 @@ class Monitor:
             return out
 
     def _update(self, **changes: object) -> None:
-        self._snap = replace(self._snap, **changes)
+        vars(self._snap).update(changes)
 
     def on_arrival(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             self._arrival_times.append(now)
             while self._arrival_times and self._arrival_times[0] < now - ARRIVAL_WINDOW_S:
@@ -151,7 +158,7 @@ class Monitor:
 
     def on_finish(self, request: Request) -> None:
         reason = (request.finish_reason or FinishReason.ERROR).value
-        end = request.finish_time or time.monotonic()
+        end = request.finish_time or self.clock()
         with self._lock:
             s = self._snap
             met, missed = s.slo_met, s.slo_missed

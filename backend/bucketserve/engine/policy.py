@@ -13,6 +13,7 @@ at the first request that does not fit, so nobody is overtaken by a smaller requ
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -33,6 +34,8 @@ class StepContext:
     """Most sequences in the running set: no batch is larger, whatever memory allows."""
     packed: bool = False
     """Prefill runs packed (its cost is the prompts' tokens), not padded (batch size x longest prompt)."""
+    waiting_version: int = -1
+    """Changes whenever the waiting set does (-1: unknown), so a policy may keep what it derived from it."""
 
 
 class AdmissionPolicy(Protocol):
@@ -108,6 +111,16 @@ class Ordering:
         job = final_length(request)
         return (2, job if self.offline_order == "sjf" else -job, request.arrival_time, request.id)
 
+    def rank_changes(self, request: Request, now: float) -> float:
+        """When the request's rank next changes (inf: never again); ``rank`` holds until then."""
+        waited_ms = (now - request.arrival_time) * 1000
+        if request.slo_ms is not None:
+            urgent_ms = self.deadline_urgency * request.slo_ms
+            return math.inf if waited_ms >= urgent_ms else request.arrival_time + urgent_ms / 1000
+        base = 1 if request.priority == Priority.ONLINE else 2
+        aged = int(waited_ms // self.aging_ms)
+        return math.inf if base - aged <= 0 else request.arrival_time + (aged + 1) * self.aging_ms / 1000
+
 
 class BucketPolicy:
     """BucketServe: batches come from one length bucket at a time, sized by that bucket's N_max.
@@ -124,38 +137,59 @@ class BucketPolicy:
         self.max_queue_delay_s = max_queue_delay_ms / 1000
         self.buckets: list[Bucket] = []
         self._ctx: StepContext | None = None
+        self._limits: dict[tuple[int, int], int] = {}
+        """batch_limit of each bucket range while the buckets stand (each is read several times a decision)."""
+        self._version = -1
+        self._ranked: list[tuple[tuple, Bucket, list[Request], float]] = []
+        self._ranked_until = -math.inf
 
     def batch_limit(self, bucket: Bucket) -> int:
         """The bucket's N_max: how many of its longest requests (its upper bound plus the largest
         max_tokens among them) the KV budget holds, within max_num_seqs; at least 1."""
         assert self._ctx is not None
-        out = max((r.sampling.max_tokens for r in bucket.requests), default=0)
-        return max(1, min(self._ctx.max_num_seqs, self._ctx.budget.seqs_that_fit(bucket.up - 1 + out)))
+        key = (bucket.low, bucket.up)  # one decision's buckets: a range holds the same requests all along
+        if key not in self._limits:
+            out = max((r.sampling.max_tokens for r in bucket.requests), default=0)
+            self._limits[key] = max(1, min(self._ctx.max_num_seqs, self._ctx.budget.seqs_that_fit(bucket.up - 1 + out)))
+        return self._limits[key]
 
     def select(self, waiting: Sequence[Request], ctx: StepContext) -> list[Request]:
         self._ctx = ctx
-        self.buckets = self.manager.update(waiting, self.batch_limit)
-        ranked = []
-        for bucket in self.buckets:
-            if bucket.requests:
-                order = sorted(bucket.requests, key=lambda r: self.ordering.rank(r, ctx.now))
-                ranked.append((self.ordering.rank(order[0], ctx.now), bucket, order))
-        ranked.sort(key=lambda item: item[0])
-        for position, (top, bucket, order) in enumerate(ranked):
+        if ctx.waiting_version < 0 or ctx.waiting_version != self._version:
+            # bucketing is idempotent: the same waiting set gives the same buckets, so redo it only on change
+            self._limits.clear()
+            self.buckets = self.manager.update(waiting, self.batch_limit)
+            self._version, self._ranked_until = ctx.waiting_version, -math.inf
+        if ctx.now >= self._ranked_until:
+            self._rank(ctx.now)
+        for position, (top, bucket, order, oldest) in enumerate(self._ranked):
             n_max = self.batch_limit(bucket)
             batch = fill(order, ctx, n_max)
             if not batch:
                 if position == 0 and top[0] == 0:
                     return []  # hold memory back for the most urgent request rather than let it starve
                 continue
-            if self._ready(bucket, batch, n_max, ctx, urgent=top[0] == 0):
+            full = len(batch) < len(bucket.requests) or len(batch) >= n_max
+            if full or top[0] == 0 or not ctx.running or ctx.now - oldest >= self.max_queue_delay_s:
                 return batch
         return []
 
-    def _ready(self, bucket: Bucket, batch: list[Request], n_max: int, ctx: StepContext, urgent: bool) -> bool:
-        full = len(batch) < len(bucket.requests) or len(batch) >= n_max
-        oldest = min(r.arrival_time for r in bucket.requests)
-        return full or urgent or not ctx.running or ctx.now - oldest >= self.max_queue_delay_s
+    def _rank(self, now: float) -> None:
+        """Each bucket's requests in rank order, buckets by their top request; kept until a rank can change
+        (a request turns urgent or ages a class), so a long queue is not sorted again every step."""
+        ranked = []
+        for bucket in self.buckets:
+            if bucket.requests:
+                keyed = sorted(((self.ordering.rank(r, now), r) for r in bucket.requests), key=lambda kr: kr[0])
+                ranked.append((keyed[0][0], bucket, [r for _, r in keyed], min(r.arrival_time for r in bucket.requests)))
+        ranked.sort(key=lambda item: item[0])
+        self._ranked = ranked
+        changes = (self.ordering.rank_changes(r, now) for b in self.buckets for r in b.requests)
+        self._ranked_until = min(changes, default=math.inf) - RANK_MARGIN_S
+
+
+RANK_MARGIN_S = 1e-6
+"""Ranks are computed again this long before one can change, so rounding at the boundary cannot keep a stale one."""
 
 
 POLICIES = ("bucket", "continuous", "fcfs_static")

@@ -131,19 +131,20 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     finish_reason: FinishReason | None = None
+    prompt_len: int = field(init=False)
+    """len(prompt_ids), read many times per scheduling decision."""
 
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_ids)
+    def __post_init__(self) -> None:
+        self.prompt_len = len(self.prompt_ids)
 
     @property
     def num_output(self) -> int:
         return len(self.output_ids)
 
-    def append_token(self, token: int, eos_ids: frozenset[int]) -> FinishReason | None:
-        """Record a generated token; return why the request is done, if it is."""
+    def append_token(self, token: int, eos_ids: frozenset[int], now: float | None = None) -> FinishReason | None:
+        """Record a generated token (at ``now``, default the monotonic clock); return why the request is done, if it is."""
         if self.first_token_time is None:
-            self.first_token_time = time.monotonic()
+            self.first_token_time = time.monotonic() if now is None else now
         self.output_ids.append(token)
         s = self.sampling
         ends = token in s.stop_token_ids or (not s.ignore_eos and token in eos_ids)
@@ -165,7 +166,7 @@ class Request:
                     f"x slo_expiry {slo_expiry:g}")
         return None
 
-    def finish(self, reason: FinishReason) -> None:
+    def finish(self, reason: FinishReason, now: float | None = None) -> None:
         self.status = Status.FINISHED
         self.finish_reason = reason
-        self.finish_time = time.monotonic()
+        self.finish_time = time.monotonic() if now is None else now

@@ -5,11 +5,13 @@ in place and never replaced by new objects."""
 
 from __future__ import annotations
 
+import heapq
 import time
+from typing import Any, Callable
 
 from bucketserve.engine.buckets import BucketRules
 from bucketserve.config import EngineConfig
-from bucketserve.engine.memory import KVBudget, safe_budget
+from bucketserve.engine.memory import KVBudget, final_length, safe_budget
 from bucketserve.engine.monitor import BucketView
 from bucketserve.engine.policy import AdmissionPolicy, BucketPolicy, ContinuousPolicy, Ordering, StaticPolicy, StepContext
 from bucketserve.engine.request import FinishReason, Priority, Request, Status
@@ -48,6 +50,13 @@ class Scheduler:
         self.running: list[Request] = []
         self.last_select_s = 0.0
         """How long the last policy decision (bucketing included) took."""
+        self._by_length: list[tuple[int, int, Request]] = []
+        """Heap of (final length, id, request) over the waiting requests; entries of requests that left are
+        dropped when they reach the top."""
+        self._changes = 0
+        """Counts changes to the waiting set, so per-step views of it are computed once per change."""
+        self._views: dict[str, Any] = {}
+        self._views_key: tuple[int, int] = (-1, 0)
 
     def n_max(self) -> int:
         """N_max of the whole length range: how many sequences of the longest allowed length fit."""
@@ -56,10 +65,23 @@ class Scheduler:
     def buckets(self) -> tuple[BucketView, ...]:
         """The buckets of the last decision with the requests still waiting in each; one bucket
         over the whole range for policies without buckets."""
+        return self._view("buckets", self._buckets)
+
+    def _buckets(self) -> tuple[BucketView, ...]:
         if isinstance(self.policy, BucketPolicy) and self.policy.buckets:
             return tuple(BucketView(b.low, b.up, sum(r.status is Status.WAITING for r in b.requests),
                                     self.policy.batch_limit(b)) for b in self.policy.buckets)
         return (BucketView(0, self.max_len, len(self.waiting), self.n_max()),)
+
+    def _view(self, name: str, compute: Callable[[], Any]) -> Any:
+        """A view of the waiting set that the engine reads every step, recomputed only when the waiting set or
+        the policy's buckets changed: with thousands waiting, computing it every step dominated the step."""
+        key = (self._changes, id(getattr(self.policy, "buckets", None)))
+        if key != self._views_key:
+            self._views, self._views_key = {}, key
+        if name not in self._views:
+            self._views[name] = compute()
+        return self._views[name]
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -75,22 +97,37 @@ class Scheduler:
     def add(self, request: Request) -> None:
         request.status = Status.WAITING
         self.waiting.append(request)
+        heapq.heappush(self._by_length, (final_length(request), request.id, request))
+        self._changes += 1
+
+    def _none_fits(self) -> bool:
+        """Whether the KV budget is too full for even the smallest waiting request: then no policy admits
+        anything (each stops at its first request that does not fit), and the decision is skipped."""
+        heap = self._by_length
+        while heap and heap[0][2].status is not Status.WAITING:
+            heapq.heappop(heap)
+        if not heap:
+            return False  # requests put on the list by hand: let the policy decide
+        usage = self.budget.plus(self.budget.usage(self.running), heap[0][2])
+        return self.budget.bytes_of(usage) > self.budget.budget_bytes
 
     def next_prefill(self, now: float | None = None) -> list[Request]:
         """Move the policy's choice from waiting to running; it is prefilled this step."""
         free = self.max_num_seqs - len(self.running)
-        if free <= 0 or not self.waiting:
+        if free <= 0 or not self.waiting or self._none_fits():
             self.last_select_s = 0.0
             return []
         start = time.perf_counter()
         ctx = StepContext(time.monotonic() if now is None else now, self.running, free, self.max_prefill_tokens,
-                          self.budget, self.max_num_seqs, packed=bool(self.budget.page_size))
+                          self.budget, self.max_num_seqs, packed=bool(self.budget.page_size),
+                          waiting_version=self._changes)
         batch = self.policy.select(self.waiting, ctx)
         self.last_select_s = time.perf_counter() - start
         if not batch:
             return []
         chosen = set(map(id, batch))
         self.waiting[:] = [r for r in self.waiting if id(r) not in chosen]
+        self._changes += 1
         for request in batch:
             request.status = Status.RUNNING
         self.running.extend(batch)
@@ -100,18 +137,20 @@ class Scheduler:
         for request in self.waiting:
             if request.id == request_id:
                 self.waiting.remove(request)
+                self._changes += 1
                 return request
         return None
 
     def drop_waiting(self, ids: set[int]) -> None:
         if ids:
             self.waiting[:] = [r for r in self.waiting if r.id not in ids]
+            self._changes += 1
 
-    def retire(self, done: dict[int, FinishReason]) -> None:
-        """Finish the running requests named in ``done``; they leave the running set."""
+    def retire(self, done: dict[int, FinishReason], now: float | None = None) -> None:
+        """Finish the running requests named in ``done`` (at ``now``); they leave the running set."""
         for request in self.running:
             if request.id in done:
-                request.finish(done[request.id])
+                request.finish(done[request.id], now)
         self.running[:] = [r for r in self.running if r.id not in done]
 
     def clear(self) -> list[Request]:
@@ -119,8 +158,12 @@ class Scheduler:
         held = self.waiting + self.running
         self.waiting.clear()
         self.running.clear()
+        self._by_length.clear()
+        self._changes += 1
         return held
 
     def waiting_by_priority(self) -> tuple[int, int]:
-        online = sum(1 for r in self.waiting if r.priority == Priority.ONLINE)
-        return online, len(self.waiting) - online
+        def count() -> tuple[int, int]:
+            online = sum(1 for r in self.waiting if r.priority == Priority.ONLINE)
+            return online, len(self.waiting) - online
+        return self._view("by_priority", count)

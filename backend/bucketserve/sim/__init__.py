@@ -1,0 +1,1 @@
+"""``bucketserve simulate``: the engine's own scheduler in simulated time over a cost model of each step."""

@@ -1,0 +1,200 @@
+"""``bucketserve simulate calibrate``: a hardware profile of this machine, from the real executor.
+
+Operators first (as Vidur profiles them): the model's own matmuls at one row (memory-bound: the weight
+read rate) and at many (compute-bound: FLOP/s), and prefill attention over one long prompt. Then whole
+prefill and decode steps of the real executor over a grid of shapes; what the operators do not explain
+(a fixed cost per forward, a cost per row, the elementwise steps, the decode attention's read of cached keys
+and values) is fitted to them by least squares. Last, whole offline runs of the engine give what it adds to
+its forward passes, per step and per generated token.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from bucketserve.sim.cost import CostModel
+from bucketserve.sim.hardware import Hardware
+from bucketserve.sim.shape import ModelShape
+
+PREFILL_GRID = ((1, 64), (1, 512), (4, 128), (8, 256), (16, 256), (8, 500), (1, 2000), (2, 1024))
+"""(prompts, tokens each) of the timed prefill steps."""
+DECODE_GRID = ((1, 64), (8, 128), (32, 256), (64, 128), (64, 512), (128, 300), (32, 1024), (8, 2000))
+"""(rows, cached positions each) of the timed decode steps."""
+
+
+def best_of(fn: Callable[[], Any], repeats: int = 5) -> float:
+    """The fastest of ``repeats`` calls after one warm-up: the machine's rate, not its neighbours' noise."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0: refit without the columns that came out negative."""
+    active = list(range(a.shape[1]))
+    while True:
+        coef = np.zeros(a.shape[1])
+        if active:
+            coef[active] = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
+        negative = [i for i in active if coef[i] < 0]
+        if not negative:
+            return coef
+        active = [i for i in active if i not in negative]
+
+
+def _operators(executor: Any, shape: ModelShape, dtype_bytes: int) -> tuple[float, float, float]:
+    """(matmul FLOP/s, weight bytes/s, attention FLOP/s) of the model's own layers."""
+    import torch
+
+    from bucketserve.executor.attention import prefill_attention
+
+    model = executor.model
+    layer = model.layers[0]
+    linears = [layer.qkv, layer.o, layer.gate_up, layer.down]
+    params = shape.layer_params
+    with torch.inference_mode():
+        big = torch.randn(512, shape.hidden, dtype=model.dtype)
+        wide = torch.randn(512, shape.intermediate, dtype=model.dtype)
+
+        def run(rows: int) -> None:
+            for linear in linears:
+                linear((wide if linear is layer.down else big)[:rows])
+
+        flops = 2 * 512 * params / best_of(lambda: run(512))
+        head_rows = big[:1]
+        read = (params + shape.head_params) * dtype_bytes / (best_of(lambda: run(1)) + best_of(lambda: model.lm_head(head_rows)))
+        n = 1024
+        q = torch.randn(n, shape.heads, shape.head_dim, dtype=model.dtype)
+        kv = torch.randn(n, shape.kv_heads, shape.head_dim, dtype=model.dtype)
+        attention = 2 * n * n * shape.heads * shape.head_dim / best_of(lambda: prefill_attention(q, kv, kv, [n], model.scale))
+    return flops, read, attention
+
+
+def _steps(executor: Any, vocab: int) -> tuple[list[tuple[str, list[int]]], list[float]]:
+    """Times of whole prefill and decode steps of the real executor over the grids."""
+    from bucketserve.engine.executor import StepOutput
+    from bucketserve.engine.request import Request, SamplingParams
+
+    def requests(count: int, length: int, out: int) -> list[Request]:
+        return [Request("", [(7 * i + j) % vocab for j in range(length)],
+                        SamplingParams(max_tokens=out, temperature=0, ignore_eos=True)) for i in range(count)]
+
+    shapes: list[tuple[str, list[int]]] = []
+    times: list[float] = []
+    for count, length in PREFILL_GRID:
+        batch = requests(count, length, 1)
+
+        def prefill() -> None:
+            executor.prefill(batch)
+            executor.reset()
+
+        shapes.append(("prefill", [length] * count))
+        times.append(best_of(prefill))
+    def record(out: StepOutput) -> None:
+        for request, token in zip(out.rows, out.tokens):  # the engine's part: a decode reads the last token
+            request.output_ids.append(token)
+
+    for rows, context in DECODE_GRID:
+        executor.reset()
+        record(executor.prefill(requests(rows, context, 64)))
+        shapes.append(("decode", [context + 1] * rows))
+        times.append(best_of(lambda: record(executor.decode())))
+        executor.reset()
+    return shapes, times
+
+
+ENGINE_RUNS = ((32, 128), (8, 1))
+"""Offline peers runs (requests, max_num_seqs) of the whole engine: one with full batches, one a row at a time,
+so the engine's own cost splits into a part per step and a part per generated token."""
+ENGINE_REPEATS = 3
+"""The fastest of this many runs counts (as for single steps: the machine's rate, not its neighbours' noise)."""
+
+
+def _engine_overhead(model: Any, hw: Hardware, shape: ModelShape, log: Callable[[str], None]) -> Hardware:
+    """Add what the whole engine spends beyond its forward passes (scheduling, each token's bookkeeping,
+    events and text, threads that share the cores): the gap between real offline runs and their simulation,
+    fitted as a cost per step plus a cost per generated token."""
+    from bucketserve.config import EngineConfig
+    from bucketserve.sim.runner import simulate
+    from bucketserve.sim.validate import run_real
+    from bucketserve_client.workload import DEFAULT_CLASSES, generate
+
+    def end(outcomes: list) -> float:
+        return max(o.sent + o.e2e for o in outcomes)
+
+    rows, gaps = [], []
+    for requests, seqs in ENGINE_RUNS:
+        config = EngineConfig(device="cpu", executor="paged", max_num_seqs=seqs)
+        specs = [replace(s, deadline=False) for s in generate("peers", requests, shape.max_len, 0, 0.2, DEFAULT_CLASSES)]
+        times = [0.0] * len(specs)
+        run_real(model, config, specs[:2], times[:2])  # first forwards pay one-off costs
+        real = min(end(run_real(model, config, specs, times)[0]) for _ in range(ENGINE_REPEATS))
+        sim = simulate(config, CostModel(hw, shape), specs, times)
+        rows.append([sim.stats.steps, sim.stats.output_tokens])
+        gaps.append(real - end(sim.outcomes))
+        log(f"[calibrate] whole engine, {requests} requests, max_num_seqs {seqs}: {real:.2f} s against "
+            f"{end(sim.outcomes):.2f} s from the steps alone")
+    per_step, per_token = nonnegative_lstsq(np.array(rows, dtype=float), np.array(gaps))
+    log(f"[calibrate] the engine adds {per_step * 1e3:.2f} ms per step and {per_token * 1e6:.0f} us per token")
+    return replace(hw, step_overhead_s=hw.step_overhead_s + float(per_step),
+                   row_overhead_s=hw.row_overhead_s + float(per_token))
+
+
+def calibrate(model_path: str, name: str, log: Callable[[str], None] = print) -> tuple[Hardware, list[tuple[str, list[int], float, float]]]:
+    """The profile, and for each timed step (kind, lengths, measured s, predicted s by the steps' fit, before
+    the whole engine's cost per token is added)."""
+    from bucketserve.config import EngineConfig
+    from bucketserve.engine.memory import available_ram
+    from bucketserve.factory import load_model
+
+    config = EngineConfig(device="cpu", executor="paged")
+    loaded = load_model(config, model_path, log=log)
+    executor = loaded.executor
+    executor.allocate(1 << 30)
+    shape = ModelShape.from_config(Path(model_path))
+    dtype = str(executor.model.dtype).removeprefix("torch.")
+    dtype_bytes = executor.model.dtype.itemsize
+    log("[calibrate] timing the model's matmuls and attention")
+    flops, read, attention = _operators(executor, shape, dtype_bytes)
+    log(f"[calibrate] matmul {flops / 1e9:.0f} GFLOP/s, weights read at {read / 1e9:.1f} GB/s, "
+        f"prefill attention {attention / 1e9:.0f} GFLOP/s")
+    log(f"[calibrate] timing {len(PREFILL_GRID)} prefill and {len(DECODE_GRID)} decode steps")
+    shapes, measured = _steps(executor, shape.vocab)
+    bare = Hardware(name, flops, read, attention, act_bw=float("inf"),
+                    memory_bytes=config.kv_cache_memory_fraction * available_ram(), step_overhead_s=0.0,
+                    row_overhead_s=0.0, kv_bw=float("inf"), dtype=dtype, source="")
+    cost = CostModel(bare, shape)
+    unit = CostModel(replace(bare, act_bw=1.0), shape)
+    rows, residual = [], []
+    for (kind, lengths), seconds in zip(shapes, measured):
+        predicted = cost.prefill_s(lengths) if kind == "prefill" else cost.decode_s(lengths)
+        tokens = sum(lengths) if kind == "prefill" else len(lengths)
+        kv_read = 0 if kind == "prefill" else sum(lengths) * shape.kv_bytes_per_token(dtype_bytes)
+        rows.append([1.0, len(lengths), unit.elementwise_s(tokens), kv_read])
+        residual.append(seconds - predicted)
+    overhead, per_row, per_byte, per_kv_byte = nonnegative_lstsq(np.array(rows), np.array(residual))
+    hw = replace(bare, step_overhead_s=float(overhead), row_overhead_s=float(per_row),
+                 act_bw=float(1 / per_byte) if per_byte > 0 else 1e15,
+                 kv_bw=float(1 / per_kv_byte) if per_kv_byte > 0 else 1e15,
+                 source=f"calibrated with {model_path} ({shape.layers} layers, hidden {shape.hidden}) on "
+                        f"{os.cpu_count()} cores by `bucketserve simulate calibrate`")
+    fitted = CostModel(hw, shape)
+    report = [(kind, lengths, seconds, fitted.prefill_s(lengths) if kind == "prefill" else fitted.decode_s(lengths))
+              for (kind, lengths), seconds in zip(shapes, measured)]
+    errors = [abs(p / m - 1) for _, _, m, p in report]
+    log(f"[calibrate] per forward {overhead * 1e3:.2f} ms, per row {per_row * 1e6:.1f} us, cached KV read at "
+        f"{hw.kv_bw / 1e9:.1f} GB/s; step time error "
+        f"median {statistics.median(errors):.1%}, worst {max(errors):.1%}")
+    hw = _engine_overhead(loaded, hw, shape, log)
+    return hw, report

@@ -1,0 +1,241 @@
+"""``bucketserve simulate``: the bench's workloads through the engine's scheduler in simulated time, on a
+hardware profile and a model shape, for each policy; the same results.json, report and plots as
+``bucketserve-client bench`` (one report module serves both). ``simulate calibrate`` writes this machine's
+profile; ``simulate validate`` runs the same requests on the real engine in process beside each simulation
+and reports the simulator's error."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+from bucketserve.config import ConfigError, EngineConfig, parse_param
+from bucketserve.engine.policy import POLICIES
+from bucketserve.sim.cost import CostModel
+from bucketserve.sim.hardware import PRESETS as HARDWARE
+from bucketserve.sim.hardware import hardware
+from bucketserve.sim.runner import figures, simulate
+from bucketserve.sim.shape import PRESETS as MODELS
+from bucketserve.sim.shape import model_shape
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("simulate", help="the scheduler in simulated time on a hardware profile (GPU presets or this "
+                                        "CPU); `simulate calibrate` writes this machine's profile",
+                       description=__doc__)
+    s.add_argument("action", nargs="?", choices=("run", "calibrate", "validate"), default="run",
+                   help="run (default) a simulation; calibrate: time the real executor on this machine and write "
+                        "its profile to --out; validate: each run also on the real engine here, with the error")
+    add_arguments(s)
+    s.set_defaults(func=main)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from bucketserve_client.arrivals import ARRIVALS
+    from bucketserve_client.workload import WORKLOADS
+
+    p.add_argument("--hardware", default=None,
+                   help=f"a preset ({', '.join(HARDWARE)}), cpu (this project's calibrated 2-core profile), "
+                        "or a profile JSON from `bucketserve simulate calibrate` (default a100-40gb; validate: cpu)")
+    p.add_argument("--model", default=None,
+                   help=f"a preset ({', '.join(MODELS)}) or a checkpoint directory / config.json (default "
+                        "llama-2-13b; calibrate and validate: a checkpoint, default the default model)")
+    p.add_argument("--gpus", type=int, default=1, help="devices the model is split over (tensor parallel)")
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated scheduling policies")
+    p.add_argument("--workload", choices=WORKLOADS, default="mixed")
+    p.add_argument("--num-requests", type=int, default=1000, help="requests in the offline run")
+    p.add_argument("--long-share", type=float, default=0.2, help="LongBench share of the mixed workload")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-model-len", type=int, default=0, help="context (default: the model's)")
+    p.add_argument("--class", dest="classes", action="append", default=[], metavar="NAME:SHARE:TTFT_MS:E2E_MS",
+                   help="a priority class and its SLOs (repeatable), as in bucketserve-client bench")
+    p.add_argument("--no-offline", dest="offline", action="store_false", help="skip the offline run")
+    p.add_argument("--rates", default="", help="comma-separated offered rates (req/s) for the SLO sweep")
+    p.add_argument("--arrival", choices=[a for a in ARRIVALS if a != "offline"], default="poisson")
+    p.add_argument("--cv", type=float, default=2.0, help="coefficient of variation of gamma inter-arrival gaps")
+    p.add_argument("--sweep-seconds", type=float, default=60.0, help="seconds of arrivals per sweep rate")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine parameter, as `bucketserve serve --param` (e.g. max_num_seqs=256; executor=hf "
+                        "for padded caches and prefill)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write results.json, report.md and PNG plots here (calibrate: the profile JSON to write)")
+
+
+Runner = Callable[[list, list[float], Callable[[int], None]], tuple[list, dict[str, float]]]
+"""Runs requests arriving at given times; returns their outcomes and the engine's figures."""
+
+
+def simulator(config: EngineConfig, cost: CostModel) -> Runner:
+    def run(specs: list, times: list[float], on_finish: Callable[[int], None]) -> tuple[list, dict[str, float]]:
+        sim = simulate(config, cost, specs, times, on_finish=on_finish)
+        end = max((o.sent + (o.e2e or 0) for o in sim.outcomes), default=0.0)
+        return sim.outcomes, figures(sim.stats, sim.forward_seconds, end)
+    return run
+
+
+def run_policy(label: str, runner: Runner, offline: list, pool: list, args: argparse.Namespace,
+               rates: list[float]) -> dict[str, Any]:
+    """One policy's offline run and SLO sweep, laid out as one target of a bench report."""
+    from bucketserve_client.arrivals import arrival_times
+    from bucketserve_client.bench import run_json, sweep_specs
+    from bucketserve_client.loadgen import RunRecord, progress
+    from bucketserve_client.stats import CAPACITY_ATTAINMENT, capacity
+
+    def one(specs: list, times: list[float], offered: float | None) -> dict[str, Any]:
+        bar = progress(f"{label} {'offline' if offered is None else f'{offered:g} req/s'}", len(specs))
+        outcomes, server = runner(specs, times, bar.update)
+        bar.close()
+        return run_json(RunRecord(outcomes, [], server), offered)
+
+    result: dict[str, Any] = {"offline": None, "sweep": []}
+    if args.offline:
+        result["offline"] = one([replace(s, deadline=False) for s in offline], arrival_times("offline", len(offline)), None)
+    for rate in rates:
+        sweep = sweep_specs(pool, rate, args.sweep_seconds)
+        result["sweep"].append({"rate": rate, **one(sweep, arrival_times(args.arrival, len(sweep), rate, args.seed, args.cv),
+                                                    rate)})
+        if result["sweep"][-1]["summary"]["slo_attainment"] < CAPACITY_ATTAINMENT:
+            break
+    cap = capacity([(p["rate"], p["summary"]["slo_attainment"]) for p in result["sweep"]])
+    result["output_tokens_per_s"] = result["offline"]["summary"]["output_tokens_per_s"] if result["offline"] else None
+    result["capacity_rps"], result["capacity_censored"] = (cap.rps, cap.censored) if rates else (None, False)
+    return result
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from bucketserve_client import provenance, report
+    from bucketserve_client.bench import classes_text, describe, sweep_size
+    from bucketserve_client.workload import DEFAULT_CLASSES, PriorityClass, generate
+
+    validating = args.action == "validate"
+    checkpoint = _checkpoint(args.model) if validating else None
+    hw = hardware(args.hardware or ("cpu" if validating else "a100-40gb"))
+    shape = model_shape(checkpoint or args.model or "llama-2-13b")
+    if args.gpus < 1 or (args.gpus > 1 and not hw.link_bw):
+        raise ValueError(f"--gpus {args.gpus}: {hw.name} has no device link in its profile" if args.gpus > 1
+                         else "--gpus must be >= 1")
+    cost = CostModel(hw, shape, args.gpus)
+    params = dict(parse_param(p) for p in args.param)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    unknown = set(policies) - set(POLICIES)
+    if unknown or not policies:
+        raise ValueError(f"--policies: unknown {sorted(unknown)}; known {', '.join(POLICIES)}")
+    classes = tuple(PriorityClass.parse(c) for c in args.classes) or DEFAULT_CLASSES
+    max_len = args.max_model_len or shape.max_len
+    rates = sorted(float(r) for r in args.rates.split(",") if r.strip())
+    size = max([args.num_requests, *(sweep_size(r, args.sweep_seconds) for r in rates)])
+    specs = generate(args.workload, size, max_len, args.seed, args.long_share, classes)
+    offline = specs[:args.num_requests]
+    environment = {**provenance.machine(), "simulated": {"hardware": hw.name, "model": shape.name, "gpus": args.gpus,
+                                                          "dtype": hw.dtype}}
+    results: dict[str, Any] = {
+        "environment": environment,
+        "workload": {"name": args.workload, "description": describe(args.workload, offline, classes),
+                     "requests": len(offline), "seed": args.seed, "max_model_len": max_len},
+        "classes": [c.__dict__ for c in classes], "classes_text": classes_text(classes),
+        "sweep": {"rates": rates, "arrival": args.arrival, "cv": args.cv, "seconds": args.sweep_seconds},
+        "targets": {},
+    }
+    real = _load(checkpoint, params) if checkpoint else None
+    if real:
+        from bucketserve.sim.validate import run_real
+
+        run_real(real, EngineConfig.from_parameters(params), offline[:4], [0.0] * 4)  # first forwards pay one-off costs
+    for policy in policies:
+        config = EngineConfig.from_parameters({**params, "scheduler_policy": policy, "max_model_len": str(max_len)})
+        server = {"executor": "simulated", "hardware": hw.name, "model": shape.name, "gpus": args.gpus,
+                  "policy": policy, **params}
+        label = f"{policy} simulated" if real else policy
+        results["targets"][label] = {"url": f"sim://{hw.name}/{shape.name}/{policy}", "server": server,
+                                     **run_policy(label, simulator(config, cost), offline, specs, args, rates)}
+        if real:
+            def on_engine(specs_: list, times: list[float], on_finish: Callable[[int], None], config=config):
+                return run_real(real, config, specs_, times, on_finish)
+            results["targets"][f"{policy} real"] = {
+                "url": f"inprocess://{checkpoint}/{policy}", "server": {**server, "executor": real.executor.info()},
+                **run_policy(f"{policy} real", on_engine, offline, specs, args, rates)}
+    return report.merge([results])
+
+
+def _checkpoint(model: str | None) -> str:
+    """The checkpoint to time or run for real: a directory, or the default model."""
+    from bucketserve.tools.model_builder import ensure_default_model
+
+    if model is None or model in MODELS:
+        return str(ensure_default_model(lambda m: print(m, file=sys.stderr)))
+    return model
+
+
+def _load(checkpoint: str, params: dict[str, str]) -> Any:
+    from bucketserve.factory import load_model
+
+    return load_model(EngineConfig.from_parameters(params), checkpoint, log=lambda m: print(f"[validate] {m}", file=sys.stderr))
+
+
+def errors(results: dict[str, Any]) -> str:
+    """Simulated against real, per policy: offline tokens/s, TTFT p50 and p90, capacity; the error of each."""
+    lines = ["| policy | figure | simulated | real | error |", "|---|---|---|---|---|"]
+    targets = results["targets"]
+    for label in targets:
+        if not label.endswith(" simulated"):
+            continue
+        policy = label.removesuffix(" simulated")
+        sim, real = targets[label], targets.get(f"{policy} real")
+        if real is None:
+            continue
+        rows = []
+        if sim["offline"] and real["offline"]:
+            s_off, r_off = sim["offline"]["summary"], real["offline"]["summary"]
+            rows += [("offline output tok/s", s_off["output_tokens_per_s"], r_off["output_tokens_per_s"]),
+                     ("offline TTFT p50 ms", s_off["latency_ms"]["ttft"]["p50"], r_off["latency_ms"]["ttft"]["p50"]),
+                     ("offline TTFT p90 ms", s_off["latency_ms"]["ttft"]["p90"], r_off["latency_ms"]["ttft"]["p90"])]
+        for s_pt, r_pt in zip(sim["sweep"], real["sweep"]):
+            rows.append((f"SLO attainment at {s_pt['rate']:g} req/s", s_pt["summary"]["slo_attainment"],
+                         r_pt["summary"]["slo_attainment"]))
+        if sim["capacity_rps"] is not None or real["capacity_rps"] is not None:
+            rows.append(("capacity at 80% req/s" + (" (censored)" if sim["capacity_censored"] or real["capacity_censored"] else ""),
+                         sim["capacity_rps"], real["capacity_rps"]))
+        for name, s_val, r_val in rows:
+            err = f"{s_val / r_val - 1:+.1%}" if s_val is not None and r_val else "-"
+            fmt = (lambda v: "-" if v is None else f"{v:.1%}") if "attainment" in name else \
+                (lambda v: "-" if v is None else f"{v:,.1f}")
+            lines.append(f"| {policy} | {name} | {fmt(s_val)} | {fmt(r_val)} | {err} |")
+    return "\n".join(lines)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from bucketserve.sim.calibrate import calibrate
+
+    if args.out is None:
+        print("[calibrate] ERROR: --out PROFILE.json is required", file=sys.stderr)
+        return 2
+    model = _checkpoint(args.model)  # a preset has no weights to time: the default model then
+    hw, steps = calibrate(model, args.out.stem, log=lambda m: print(m, file=sys.stderr, flush=True))
+    print("| step | lengths | measured ms | model ms |\n|---|---|---|---|")
+    for kind, lengths, measured, predicted in steps:
+        print(f"| {kind} | {len(lengths)} x {lengths[0]} | {measured * 1e3:.2f} | {predicted * 1e3:.2f} |")
+    hw.save(args.out)
+    print(f"[calibrate] wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    from bucketserve_client import report
+
+    if args.action == "calibrate":
+        return _calibrate(args)
+    try:
+        results = run(args)
+    except (ValueError, ConfigError, OSError) as e:
+        print(f"[simulate] ERROR: {e}", file=sys.stderr)
+        return 2
+    print(report.markdown(results))
+    if args.action == "validate":
+        print("\nSimulated against the real engine (error = simulated / real - 1):\n\n" + errors(results))
+    if args.out:
+        for path in report.write(results, args.out):
+            print(f"[simulate] wrote {path}", file=sys.stderr)
+    return 0
