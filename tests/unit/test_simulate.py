@@ -14,7 +14,7 @@ from bucketserve.config import EngineConfig
 from bucketserve.sim.cost import CostModel
 from bucketserve.sim.hardware import PRESETS as HARDWARE
 from bucketserve.sim.hardware import Hardware
-from bucketserve.sim.runner import simulate
+from bucketserve.sim.runner import kv_transfer_s, simulate, simulate_split
 from bucketserve.sim.shape import PRESETS as MODELS
 from bucketserve.sim.shape import ModelShape
 from bucketserve_client.workload import DEFAULT_CLASSES, generate
@@ -64,6 +64,27 @@ def test_one_request_alone_takes_exactly_its_steps():
     assert outcome.e2e == pytest.approx(expected_ttft + decodes, rel=1e-9)
 
 
+def test_split_prefill_and_decode_add_the_kv_transfer():
+    """Disaggregated: the first token comes from the prefill devices; the rest after the KV has moved."""
+    cost = CostModel(A100, LLAMA_7B)
+    spec = replace(_specs(1)[0], prompt_len=300, output_len=5, deadline=False)
+    [outcome] = simulate_split(EngineConfig(), cost, [spec], [1.0]).outcomes
+    decodes = sum(cost.decode_s([300 + k]) for k in range(1, 5))
+    assert kv_transfer_s(cost, 300) > A100.link_latency_s
+    assert outcome.ok and outcome.output_tokens == 5
+    assert outcome.ttft == pytest.approx(cost.prefill_s([300]), rel=1e-9)
+    assert outcome.e2e == pytest.approx(cost.prefill_s([300]) + kv_transfer_s(cost, 300) + decodes, rel=1e-9)
+
+
+@pytest.mark.parametrize("policy", ["bucket", "continuous", "fcfs_static"])
+def test_split_ends_every_request_once_with_its_tokens(policy):
+    specs = [replace(s, deadline=False) for s in _specs(300)]
+    run = simulate_split(EngineConfig(scheduler_policy=policy), CostModel(A100, LLAMA_7B), specs,
+                         [0.01 * i for i in range(len(specs))])
+    assert all(o.ok and o.output_tokens == s.output_len for o, s in zip(run.outcomes, specs))
+    assert run.stats.output_tokens == sum(s.output_len for s in specs)
+
+
 @pytest.mark.parametrize("policy", ["bucket", "continuous", "fcfs_static"])
 def test_every_request_ends_once_with_its_tokens_within_the_kv_budget(policy):
     specs = [replace(s, deadline=False) for s in _specs(300)]
@@ -96,6 +117,31 @@ def test_overload_ends_late_requests_with_deadline():
     assert errors and set(errors) == {"deadline"}
 
 
+def test_one_replica_is_the_same_run_whatever_the_router():
+    specs = _specs(150)
+    times = [0.02 * i for i in range(len(specs))]
+    cost = CostModel(A100, LLAMA_7B)
+    runs = [simulate(EngineConfig(), cost, specs, times, router=r) for r in ("round_robin", "least_loaded", "length")]
+    assert runs[0].outcomes == runs[1].outcomes == runs[2].outcomes
+
+
+@pytest.mark.parametrize("router", ["round_robin", "least_loaded", "length"])
+def test_replicas_share_the_load_and_every_request_ends_once(router):
+    slow = replace(A100, matmul_flops=A100.matmul_flops / 20, mem_bw=A100.mem_bw / 20)
+    specs = [replace(s, deadline=False) for s in _specs(200)]
+    times = [0.05 * i for i in range(len(specs))]
+    cost = CostModel(slow, LLAMA_7B)
+    one = simulate(EngineConfig(), cost, specs, times)
+    four = simulate(EngineConfig(), cost, specs, times, replicas=4, router=router)
+    assert len(four.outcomes) == len(specs) and all(o.ok for o in four.outcomes)
+    assert four.stats.output_tokens == sum(s.output_len for s in specs) == one.stats.output_tokens
+    assert four.stats.kv_budget_bytes == 4 * one.stats.kv_budget_bytes
+
+    def p90_e2e(run) -> float:
+        return sorted(o.e2e for o in run.outcomes)[int(0.9 * len(run.outcomes))]
+    assert p90_e2e(four) < 0.8 * p90_e2e(one)  # an overloaded engine's queue, spread over four
+
+
 def test_cli_writes_the_bench_report_for_each_policy(tmp_path, capsys):
     out = tmp_path / "sim"
     code = bucketserve(["simulate", "--hardware", "a100-80gb", "--model", "llama-3-8b", "--num-requests", "200",
@@ -107,6 +153,7 @@ def test_cli_writes_the_bench_report_for_each_policy(tmp_path, capsys):
         assert target["output_tokens_per_s"] > 0 and target["offline"]["summary"]["completed"] == 200
         assert [p["rate"] for p in target["sweep"]][0] == 2.0
     assert results["environment"]["simulated"] == {"hardware": "a100-80gb", "model": "llama-3-8b", "gpus": 1,
+                                                   "replicas": 1, "router": "round_robin", "split": False,
                                                    "dtype": "bfloat16"}
     assert (out / "report.md").is_file() and (out / "throughput.png").is_file()
     assert "| bucket |" in capsys.readouterr().out
@@ -116,6 +163,7 @@ def test_cli_refuses_unknown_names():
     assert bucketserve(["simulate", "--hardware", "tpu-v9", "--num-requests", "5"]) == 2
     assert bucketserve(["simulate", "--policies", "lifo", "--num-requests", "5"]) == 2
     assert bucketserve(["simulate", "--gpus", "2", "--hardware", "cpu", "--num-requests", "5"]) == 2
+    assert bucketserve(["simulate", "--replicas", "0", "--num-requests", "5"]) == 2
 
 
 def test_profile_round_trips(tmp_path):

@@ -54,7 +54,7 @@ class EngineCore:
         if reason is None:
             self.scheduler.add(request)
             limits = [request.timeout_ms]
-            if self.slo_expiry and request.slo_ms is not None:
+            if self.slo_expiry and request.slo_ms is not None and request.first_token_time is None:
                 limits.append(self.slo_expiry * request.slo_ms)
             ms = min((m for m in limits if m is not None), default=None)
             if ms is not None:

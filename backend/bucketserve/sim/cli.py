@@ -17,7 +17,7 @@ from bucketserve.engine.policy import POLICIES
 from bucketserve.sim.cost import CostModel
 from bucketserve.sim.hardware import PRESETS as HARDWARE
 from bucketserve.sim.hardware import hardware
-from bucketserve.sim.runner import figures, simulate
+from bucketserve.sim.runner import ROUTERS, figures, simulate, simulate_split
 from bucketserve.sim.shape import PRESETS as MODELS
 from bucketserve.sim.shape import model_shape
 
@@ -43,7 +43,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help=f"a preset ({', '.join(MODELS)}) or a checkpoint directory / config.json (default "
                         "llama-2-13b; calibrate and validate: a checkpoint, default the default model)")
-    p.add_argument("--gpus", type=int, default=1, help="devices the model is split over (tensor parallel)")
+    p.add_argument("--gpus", type=int, default=1, help="devices each replica's model is split over (tensor parallel)")
+    p.add_argument("--split", action="store_true",
+                   help="prefill and decode on separate devices, --gpus each (DistServe's layout and the paper's): "
+                        "the policy forms prefill batches, decode runs continuous batching, KV moves over the link")
+    p.add_argument("--replicas", type=int, default=1, help="engines behind the router, each on --gpus devices")
+    p.add_argument("--router", choices=ROUTERS, default="round_robin",
+                   help="how requests are spread over replicas: round_robin, least_loaded (fewest requests "
+                        "waiting or running), length (each replica a range of prompt lengths, least loaded "
+                        "when one falls behind)")
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated scheduling policies")
     p.add_argument("--workload", choices=WORKLOADS, default="mixed")
     p.add_argument("--num-requests", type=int, default=1000, help="requests in the offline run")
@@ -68,9 +76,11 @@ Runner = Callable[[list, list[float], Callable[[int], None]], tuple[list, dict[s
 """Runs requests arriving at given times; returns their outcomes and the engine's figures."""
 
 
-def simulator(config: EngineConfig, cost: CostModel) -> Runner:
+def simulator(config: EngineConfig, cost: CostModel, replicas: int = 1, router: str = "round_robin",
+              split: bool = False) -> Runner:
     def run(specs: list, times: list[float], on_finish: Callable[[int], None]) -> tuple[list, dict[str, float]]:
-        sim = simulate(config, cost, specs, times, on_finish=on_finish)
+        sim = simulate_split(config, cost, specs, times, on_finish) if split else \
+            simulate(config, cost, specs, times, on_finish, replicas, router)
         end = max((o.sent + (o.e2e or 0) for o in sim.outcomes), default=0.0)
         return sim.outcomes, figures(sim.stats, sim.forward_seconds, end)
     return run
@@ -114,6 +124,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     checkpoint = _checkpoint(args.model) if validating else None
     hw = hardware(args.hardware or ("cpu" if validating else "a100-40gb"))
     shape = model_shape(checkpoint or args.model or "llama-2-13b")
+    if args.replicas < 1 or (args.replicas > 1 and (validating or args.split)):
+        raise ValueError(f"--replicas {args.replicas}: at least 1; validate and --split run one engine")
+    if args.split and (validating or not hw.link_bw):
+        raise ValueError(f"--split needs a device link ({hw.name} has none in its profile) and is not validated")
     if args.gpus < 1 or (args.gpus > 1 and not hw.link_bw):
         raise ValueError(f"--gpus {args.gpus}: {hw.name} has no device link in its profile" if args.gpus > 1
                          else "--gpus must be >= 1")
@@ -130,7 +144,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     specs = generate(args.workload, size, max_len, args.seed, args.long_share, classes)
     offline = specs[:args.num_requests]
     environment = {**provenance.machine(), "simulated": {"hardware": hw.name, "model": shape.name, "gpus": args.gpus,
-                                                          "dtype": hw.dtype}}
+                                                          "replicas": args.replicas, "router": args.router,
+                                                          "split": args.split, "dtype": hw.dtype}}
     results: dict[str, Any] = {
         "environment": environment,
         "workload": {"name": args.workload, "description": describe(args.workload, offline, classes),
@@ -147,10 +162,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for policy in policies:
         config = EngineConfig.from_parameters({**params, "scheduler_policy": policy, "max_model_len": str(max_len)})
         server = {"executor": "simulated", "hardware": hw.name, "model": shape.name, "gpus": args.gpus,
-                  "policy": policy, **params}
+                  "replicas": args.replicas, "router": args.router, "split": args.split, "policy": policy,
+                  **params}
         label = f"{policy} simulated" if real else policy
         results["targets"][label] = {"url": f"sim://{hw.name}/{shape.name}/{policy}", "server": server,
-                                     **run_policy(label, simulator(config, cost), offline, specs, args, rates)}
+                                     **run_policy(label, simulator(config, cost, args.replicas, args.router, args.split),
+                                                  offline, specs, args, rates)}
         if real:
             def on_engine(specs_: list, times: list[float], on_finish: Callable[[int], None], config=config):
                 return run_real(real, config, specs_, times, on_finish)

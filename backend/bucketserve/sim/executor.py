@@ -105,3 +105,24 @@ class SimExecutor:
         if self.page_size:
             return sum(-(-n // self.page_size) for n in self.lengths.values()) * self.page_size * per_token
         return len(self.lengths) * max(self.lengths.values(), default=0) * per_token
+
+
+class PrefillOnlyExecutor(SimExecutor):
+    """The prefill devices of a disaggregated deployment: they compute prompts and first tokens; decoding
+    happens elsewhere, so a decode step here is empty (the runner moves the rows out after each step)."""
+
+    def decode(self) -> StepOutput:
+        self.last_decode_positions = (0, 0)
+        return StepOutput()
+
+
+class DecodeOnlyExecutor(SimExecutor):
+    """The decode devices of a disaggregated deployment: a request arrives with its prompt's KV and first
+    token already made, so joining the running set computes nothing."""
+
+    def prefill(self, batch: Sequence[Request]) -> StepOutput:
+        for request in batch:
+            self.lengths[request.id] = request.prompt_len + request.num_output - 1
+        self.rows += batch
+        return StepOutput()
+

@@ -4,7 +4,7 @@ takes what the cost model says; an idle engine jumps to the next arrival."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from bucketserve.config import EngineConfig
@@ -13,7 +13,7 @@ from bucketserve.engine.monitor import Snapshot
 from bucketserve.engine.request import FinishReason, Priority, Request, SamplingParams
 from bucketserve.engine.scheduler import build_scheduler
 from bucketserve.sim.cost import CostModel
-from bucketserve.sim.executor import SimClock, SimExecutor
+from bucketserve.sim.executor import DecodeOnlyExecutor, PrefillOnlyExecutor, SimClock, SimExecutor
 from bucketserve_client.stats import Outcome
 from bucketserve_client.workload import RequestSpec
 
@@ -27,7 +27,7 @@ class SimRun:
     outcomes: list[Outcome]
     stats: Snapshot
     forward_seconds: float
-    """Simulated time spent in forward passes (the rest of the run the engine idled)."""
+    """Simulated time spent in forward passes, per replica (the rest of the run it idled)."""
 
 
 def activation_reserve(config: EngineConfig, cost: CostModel) -> int:
@@ -63,37 +63,149 @@ def figures(stats: Snapshot, busy_seconds: float, end: float) -> dict[str, float
             "busy_share": busy_seconds / end if end > 0 else 0.0}
 
 
+class Replica:
+    """One engine (executor, scheduler, monitor) with its own clock."""
+
+    def __init__(self, config: EngineConfig, cost: CostModel, on_finish: Callable[[int], None],
+                 kind: type[SimExecutor] = SimExecutor, after_step: Callable[["Replica"], None] = lambda _r: None):
+        self.clock = SimClock()
+        self.executor = kind(cost, self.clock, config.kv_page_size if config.executor != "hf" else 0,
+                             activation_reserve(config, cost))
+        self.after_step = after_step
+        max_len = config.max_model_len or cost.model.max_len
+        free = self.executor.free_device_memory(config.max_prefill_tokens, max_len)
+        scheduler = build_scheduler(config, self.executor.kv_cost().bytes_per_token, free, max_len,
+                                    self.executor.page_size)
+        self.executor.allocate(scheduler.budget.budget_bytes)
+        self.core = EngineCore(self.executor, scheduler, self._emit, log=lambda _m: None,
+                               slo_expiry=config.slo_expiry, clock=self.clock)
+        self.on_finish = on_finish
+
+    def _emit(self, events: list) -> None:
+        ended = sum(1 for e in events if e.finish is not None)
+        if ended:
+            self.on_finish(ended)
+
+    def load(self) -> int:
+        """Requests it holds, waiting or running (what a least-loaded router compares)."""
+        s = self.core.scheduler
+        return len(s.waiting) + len(s.running)
+
+    def run_until(self, t: float) -> None:
+        """Step until the clock reaches ``t`` (a step that starts before ``t`` ends when it ends); idle, wait."""
+        while self.clock.now < t:
+            if not self.core.has_work():
+                self.clock.now = t
+                return
+            before = self.clock.now
+            self.core.step()
+            self.after_step(self)
+            if self.clock.now == before:  # nothing ran: the policy is holding its batch back
+                self.clock.now = min(t, before + IDLE_TICK_S)
+
+    def drain(self) -> None:
+        while self.core.has_work():
+            self.run_until(self.clock.now + IDLE_TICK_S)
+
+
+Router = Callable[[list[Replica], Request], int]
+
+
+def round_robin() -> Router:
+    count = iter(range(1 << 62))
+    return lambda replicas, _request: next(count) % len(replicas)
+
+
+def least_loaded() -> Router:
+    return lambda replicas, _request: min(range(len(replicas)), key=lambda i: replicas[i].load())
+
+
+def by_length(window: int = 1000, imbalance: float = 2.0) -> Router:
+    """Length-aware: replica i takes the i-th quantile range of prompt lengths (estimated from the last
+    ``window`` requests), so each engine batches similar lengths; a replica holding more than ``imbalance``
+    times the least loaded one's requests (plus one) is passed over for the least loaded."""
+    seen: list[int] = []
+
+    def route(replicas: list[Replica], request: Request) -> int:
+        seen.append(request.prompt_len)
+        del seen[:-window]
+        rank = sum(1 for n in seen if n < request.prompt_len) / len(seen)
+        choice = min(int(rank * len(replicas)), len(replicas) - 1)
+        lightest = min(range(len(replicas)), key=lambda i: replicas[i].load())
+        if replicas[choice].load() > imbalance * replicas[lightest].load() + 1:
+            return lightest
+        return choice
+    return route
+
+
+ROUTERS: dict[str, Callable[[], Router]] = {"round_robin": round_robin, "least_loaded": least_loaded,
+                                            "length": by_length}
+
+
+def _combined(snaps: list[Snapshot]) -> Snapshot:
+    """The replicas' monitors as one: counters and budgets summed."""
+    summed = ("prefill_tokens", "prefill_padded_tokens", "decode_positions", "decode_padded_positions", "steps",
+              "prefill_batches", "output_tokens", "kv_peak_bytes", "kv_budget_bytes", "expired", "failed")
+    return replace(snaps[0], **{f: sum(getattr(s, f) for s in snaps) for f in summed})
+
+
 def simulate(config: EngineConfig, cost: CostModel, specs: list[RequestSpec], times: list[float],
-             on_finish: Callable[[int], None] = lambda _n: None) -> SimRun:
-    """Run ``specs[i]`` arriving at ``times[i]`` (non-decreasing seconds) to the end; ``on_finish`` gets the
-    number of requests that ended in each step (for a progress bar)."""
-    clock = SimClock()
-    executor = SimExecutor(cost, clock, config.kv_page_size if config.executor != "hf" else 0,
-                           activation_reserve(config, cost))
-    max_len = config.max_model_len or cost.model.max_len
-    free = executor.free_device_memory(config.max_prefill_tokens, max_len)
-    scheduler = build_scheduler(config, executor.kv_cost().bytes_per_token, free, max_len, executor.page_size)
-    executor.allocate(scheduler.budget.budget_bytes)
-    ended = 0
-
-    def emit(events: list) -> None:
-        nonlocal ended
-        ended += sum(1 for e in events if e.finish is not None)
-
-    core = EngineCore(executor, scheduler, emit, log=lambda _m: None, slo_expiry=config.slo_expiry, clock=clock)
+             on_finish: Callable[[int], None] = lambda _n: None, replicas: int = 1,
+             router: str = "round_robin") -> SimRun:
+    """Run ``specs[i]`` arriving at ``times[i]`` (non-decreasing seconds) to the end, on ``replicas`` engines
+    behind ``router``; ``on_finish`` gets the number of requests that end as they end (for a progress bar)."""
+    engines = [Replica(config, cost, on_finish) for _ in range(replicas)]
+    route = ROUTERS[router]()
     requests = [_request(spec, t) for spec, t in zip(specs, times)]
-    arrived = 0
-    while arrived < len(requests) or core.has_work():
-        while arrived < len(requests) and requests[arrived].arrival_time <= clock.now:
-            core.add(requests[arrived])
-            arrived += 1
-        if not core.has_work():
-            clock.now = requests[arrived].arrival_time
-            continue
-        before, ended = clock.now, 0
-        core.step()
-        on_finish(ended)
-        if clock.now == before:  # nothing ran: the policy is holding its batch back
-            next_arrival = requests[arrived].arrival_time if arrived < len(requests) else clock.now + IDLE_TICK_S
-            clock.now = min(next_arrival, clock.now + IDLE_TICK_S)
-    return SimRun([outcome(s, r) for s, r in zip(specs, requests)], core.monitor.snapshot(), executor.forward_seconds)
+    for request in requests:
+        for engine in engines:
+            engine.run_until(request.arrival_time)
+        engines[route(engines, request)].core.add(request)
+    for engine in engines:
+        engine.drain()
+    stats = _combined([e.core.monitor.snapshot() for e in engines])
+    return SimRun([outcome(s, r) for s, r in zip(specs, requests)], stats,
+                  sum(e.executor.forward_seconds for e in engines) / replicas)
+
+
+def kv_transfer_s(cost: CostModel, tokens: int) -> float:
+    """Moving a prompt's KV from the prefill devices to the decode devices: each of ``devices`` sends its shard
+    over its own link."""
+    hw = cost.hw
+    return hw.link_latency_s + tokens * cost.model.kv_bytes_per_token(cost.dtype_bytes) / (hw.link_bw * cost.devices)
+
+
+def simulate_split(config: EngineConfig, cost: CostModel, specs: list[RequestSpec], times: list[float],
+                   on_finish: Callable[[int], None] = lambda _n: None) -> SimRun:
+    """Prefill and decode on separate devices (DistServe's layout, and the paper's): the prefill engine runs
+    ``config``'s policy over prompts only; each request then moves its KV over the link and joins the decode
+    engine, which runs continuous batching. The decode side cannot hold the prefill side back (no
+    backpressure), so the prefill side runs first and its hand-offs are the decode side's arrivals."""
+    handoffs: list[tuple[float, int, Request]] = []
+
+    def hand_off(replica: Replica) -> None:
+        scheduler = replica.core.scheduler
+        moved = list(scheduler.running)
+        scheduler.running.clear()
+        replica.executor.drop({r.id for r in moved})
+        now = replica.clock.now
+        handoffs.extend((now + kv_transfer_s(cost, r.prompt_len), r.id, r) for r in moved)
+
+    prefill = Replica(config, cost, on_finish, PrefillOnlyExecutor, hand_off)
+    requests = [_request(spec, t) for spec, t in zip(specs, times)]
+    for request in requests:
+        prefill.run_until(request.arrival_time)
+        prefill.core.add(request)
+    prefill.drain()
+    decode = Replica(replace(config, scheduler_policy="continuous"), cost, on_finish, DecodeOnlyExecutor)
+    for ready, _, request in sorted(handoffs, key=lambda h: (h[0], h[1])):
+        decode.run_until(ready)
+        decode.core.add(request)
+    decode.drain()
+    p, d = prefill.core.monitor.snapshot(), decode.core.monitor.snapshot()
+    stats = replace(d, prefill_tokens=p.prefill_tokens, prefill_padded_tokens=p.prefill_padded_tokens,
+                    prefill_batches=p.prefill_batches, output_tokens=p.output_tokens + d.output_tokens,
+                    kv_budget_bytes=p.kv_budget_bytes + d.kv_budget_bytes, expired=p.expired + d.expired,
+                    kv_peak_bytes=p.kv_peak_bytes + d.kv_peak_bytes)
+    return SimRun([outcome(s, r) for s, r in zip(specs, requests)], stats,
+                  (prefill.executor.forward_seconds + decode.executor.forward_seconds) / 2)
