@@ -4,13 +4,14 @@ on random queues and on a simulated engine that admits, decodes one token a step
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bucketserve.engine.buckets import Bucket, BucketManager, BucketRules
 from bucketserve.engine.memory import KVBudget
-from bucketserve.engine.policy import BucketPolicy, ContinuousPolicy, Ordering, StaticPolicy
+from bucketserve.engine.policy import BucketPolicy, ContinuousPolicy, Ordering, StaticPolicy, StepContext
 from bucketserve.engine.request import FinishReason, Request, SamplingParams
 from bucketserve.engine.scheduler import Scheduler
 
@@ -186,3 +187,35 @@ def test_batches_follow_the_priority_order(jobs, now, order):
     assert batch == sorted(home.requests, key=rank)[:len(batch)]
     # ... and, with the engine idle and memory ample, its bucket holds the top request of all
     assert rank(batch[0]) == min(map(rank, waiting))
+
+
+@settings(max_examples=100, deadline=None)
+@given(steps=st.lists(st.tuples(st.lists(st.tuples(st.integers(1, L_MAX - 17), st.integers(1, 64), st.integers(0, 1),
+                                                   st.sampled_from([None, 500, 3000])), max_size=40),
+                                 st.integers(0, 3), st.floats(0.0, 1.5), st.integers(1, 12)),
+                       min_size=1, max_size=25),
+       rule=rules, budget=st.integers(20_000, 200_000))
+def test_a_policy_that_keeps_its_buckets_and_ranks_decides_as_one_that_starts_over(steps, rule, budget):
+    """The bucket policy reuses its buckets and rank orders while the queue only shrinks and no rank can
+    change; every decision must be the one a policy recomputing everything each time makes."""
+    kept, fresh = BucketPolicy(L_MAX, rule, max_queue_delay_ms=10), BucketPolicy(L_MAX, rule, max_queue_delay_ms=10)
+    kv = KVBudget(bytes_per_token=1, budget_bytes=budget)
+    waiting: list[Request] = []
+    now, version = 0.0, 0
+    rng = random.Random(len(steps))
+    for arrivals, drops, gap, slots in steps:
+        now += gap
+        if arrivals:
+            waiting += [req(n, m, p, s, at=now) for n, m, p, s in arrivals]
+            version += 1
+        for _ in range(min(drops, len(waiting))):
+            waiting.pop(rng.randrange(len(waiting)))
+            version += 1
+        ctx = StepContext(now, [], slots, 4096, kv, 64, packed=True, waiting_version=version)
+        batch = kept.select(waiting, ctx)
+        assert batch == fresh.select(waiting, replace(ctx, waiting_version=-1))
+        assert kept.manager.bounds == fresh.manager.bounds
+        if batch:
+            taken = set(map(id, batch))
+            waiting = [r for r in waiting if id(r) not in taken]
+            version += 1

@@ -68,7 +68,11 @@ class BucketManager:
 
     def update(self, waiting: Sequence[Request], batch_limit: BatchLimit) -> list[Bucket]:
         """Sort ``waiting`` (in its order) into buckets, merge or split them; return the buckets."""
-        buckets = self._assign(waiting)
+        return self.refit(self._assign(waiting), waiting, batch_limit)
+
+    def refit(self, buckets: list[Bucket], waiting: Sequence[Request], batch_limit: BatchLimit) -> list[Bucket]:
+        """Merge or split ``buckets``, which hold ``waiting`` in the current bounds (the last buckets with the
+        requests that left taken out, when only some left: no need to sort the queue again)."""
         if len(buckets) > 1 and len(waiting) < self.rules.merge_ratio * batch_limit(Bucket(0, self.max_len, list(waiting))):
             self.bounds = [0, self.max_len]
             self.merges += 1

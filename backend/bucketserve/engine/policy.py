@@ -14,6 +14,7 @@ at the first request that does not fit, so nobody is overtaken by a smaller requ
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -141,7 +142,12 @@ class BucketPolicy:
         """batch_limit of each bucket range while the buckets stand (each is read several times a decision)."""
         self._version = -1
         self._ranked: list[tuple[tuple, Bucket, list[Request], float]] = []
+        """Buckets by their top request's rank: (its rank, the bucket, its requests in rank order, oldest arrival)."""
         self._ranked_until = -math.inf
+        self._keys: dict[int, tuple] = {}
+        """Each ranked request's rank, by id, valid until _ranked_until."""
+        self._members: set[int] = set()
+        """Ids of the waiting set the buckets were last formed from."""
 
     def batch_limit(self, bucket: Bucket) -> int:
         """The bucket's N_max: how many of its longest requests (its upper bound plus the largest
@@ -149,7 +155,7 @@ class BucketPolicy:
         assert self._ctx is not None
         key = (bucket.low, bucket.up)  # one decision's buckets: a range holds the same requests all along
         if key not in self._limits:
-            out = max((r.sampling.max_tokens for r in bucket.requests), default=0)
+            out = max(map(MAX_TOKENS, bucket.requests), default=0)
             self._limits[key] = max(1, min(self._ctx.max_num_seqs, self._ctx.budget.seqs_that_fit(bucket.up - 1 + out)))
         return self._limits[key]
 
@@ -158,8 +164,10 @@ class BucketPolicy:
         if ctx.waiting_version < 0 or ctx.waiting_version != self._version:
             # bucketing is idempotent: the same waiting set gives the same buckets, so redo it only on change
             self._limits.clear()
-            self.buckets = self.manager.update(waiting, self.batch_limit)
-            self._version, self._ranked_until = ctx.waiting_version, -math.inf
+            if not (ctx.waiting_version >= 0 and self._shrink(waiting, ctx.now)):
+                self.buckets = self.manager.update(waiting, self.batch_limit)
+                self._ranked_until = -math.inf
+            self._version = ctx.waiting_version
         if ctx.now >= self._ranked_until:
             self._rank(ctx.now)
         for position, (top, bucket, order, oldest) in enumerate(self._ranked):
@@ -174,19 +182,49 @@ class BucketPolicy:
                 return batch
         return []
 
+    def _shrink(self, waiting: Sequence[Request], now: float) -> bool:
+        """When requests only left the queue (a batch was taken, some expired), take them out of the last
+        buckets and rank orders instead of sorting the queue again; the result is the same. False: it
+        cannot (an arrival, or the buckets merged), and the caller starts over."""
+        ids = set(map(ID, waiting))
+        if not ids < self._members:
+            return False
+        merges = self.manager.merges
+        kept = [Bucket(b.low, b.up, [r for r in b.requests if r.id in ids]) for b in self.buckets]
+        self.buckets = self.manager.refit(kept, waiting, self.batch_limit)
+        self._members = ids
+        if self.manager.merges != merges or now >= self._ranked_until:
+            self._ranked_until = -math.inf
+            return True
+        orders = [(bucket, order) for _, bucket, order, _ in self._ranked]
+        ranked = []
+        for bucket in self.buckets:
+            if bucket.requests:
+                parent = next(order for old, order in orders if old.low <= bucket.low and bucket.up <= old.up)
+                members = set(map(ID, bucket.requests))
+                order = [r for r in parent if r.id in members]
+                ranked.append((self._keys[order[0].id], bucket, order, min(map(ARRIVAL, bucket.requests))))
+        ranked.sort(key=lambda item: item[0])
+        self._ranked = ranked
+        return True
+
     def _rank(self, now: float) -> None:
         """Each bucket's requests in rank order, buckets by their top request; kept until a rank can change
         (a request turns urgent or ages a class), so a long queue is not sorted again every step."""
         ranked = []
+        self._keys = {r.id: self.ordering.rank(r, now) for b in self.buckets for r in b.requests}
+        self._members = set(self._keys)
         for bucket in self.buckets:
             if bucket.requests:
-                keyed = sorted(((self.ordering.rank(r, now), r) for r in bucket.requests), key=lambda kr: kr[0])
-                ranked.append((keyed[0][0], bucket, [r for _, r in keyed], min(r.arrival_time for r in bucket.requests)))
+                order = sorted(bucket.requests, key=lambda r: self._keys[r.id])
+                ranked.append((self._keys[order[0].id], bucket, order, min(r.arrival_time for r in bucket.requests)))
         ranked.sort(key=lambda item: item[0])
         self._ranked = ranked
         changes = (self.ordering.rank_changes(r, now) for b in self.buckets for r in b.requests)
         self._ranked_until = min(changes, default=math.inf) - RANK_MARGIN_S
 
+
+MAX_TOKENS, ID, ARRIVAL = (operator.attrgetter(a) for a in ("sampling.max_tokens", "id", "arrival_time"))
 
 RANK_MARGIN_S = 1e-6
 """Ranks are computed again this long before one can change, so rounding at the boundary cannot keep a stale one."""

@@ -6,6 +6,7 @@ in place and never replaced by new objects."""
 from __future__ import annotations
 
 import heapq
+import operator
 import time
 from typing import Any, Callable
 
@@ -15,6 +16,8 @@ from bucketserve.engine.memory import KVBudget, final_length, safe_budget
 from bucketserve.engine.monitor import BucketView
 from bucketserve.engine.policy import AdmissionPolicy, BucketPolicy, ContinuousPolicy, Ordering, StaticPolicy, StepContext
 from bucketserve.engine.request import FinishReason, Priority, Request, Status
+
+STATUS, PRIORITY = operator.attrgetter("status"), operator.attrgetter("priority")
 
 
 def make_policy(config: EngineConfig, max_len: int) -> AdmissionPolicy:
@@ -69,7 +72,7 @@ class Scheduler:
 
     def _buckets(self) -> tuple[BucketView, ...]:
         if isinstance(self.policy, BucketPolicy) and self.policy.buckets:
-            return tuple(BucketView(b.low, b.up, sum(r.status is Status.WAITING for r in b.requests),
+            return tuple(BucketView(b.low, b.up, list(map(STATUS, b.requests)).count(Status.WAITING),
                                     self.policy.batch_limit(b)) for b in self.policy.buckets)
         return (BucketView(0, self.max_len, len(self.waiting), self.n_max()),)
 
@@ -164,6 +167,6 @@ class Scheduler:
 
     def waiting_by_priority(self) -> tuple[int, int]:
         def count() -> tuple[int, int]:
-            online = sum(1 for r in self.waiting if r.priority == Priority.ONLINE)
+            online = list(map(PRIORITY, self.waiting)).count(Priority.ONLINE)
             return online, len(self.waiting) - online
         return self._view("by_priority", count)
