@@ -198,3 +198,13 @@ def test_calibrated_profile_predicts_the_real_executor(model_dir, tmp_path):
         llm.generate(prompts, params, use_tqdm=False)
         measured_s = time.perf_counter() - start
     assert 0.5 < predicted_s / measured_s < 2.0, (predicted_s, measured_s)
+
+
+def test_the_cpu_profile_simulates_the_default_model_unless_told_otherwise(model_dir, tmp_path, monkeypatch):
+    from bucketserve.sim import cli
+
+    monkeypatch.setattr(cli, "_checkpoint", lambda model: str(model_dir) if model is None else model)
+    out = tmp_path / "cpu"
+    assert bucketserve(["simulate", "--hardware", "cpu", "--workload", "peers", "--num-requests", "8",
+                        "--policies", "continuous", "--out", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["environment"]["simulated"]["model"] == str(model_dir)

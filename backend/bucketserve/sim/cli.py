@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or a profile JSON from `bucketserve simulate calibrate` (default a100-40gb; validate: cpu)")
     p.add_argument("--model", default=None,
                    help=f"a preset ({', '.join(MODELS)}) or a checkpoint directory / config.json (default "
-                        "llama-2-13b; calibrate and validate: a checkpoint, default the default model)")
+                        "llama-2-13b; with --hardware cpu, calibrate and validate: the default model)")
     p.add_argument("--gpus", type=int, default=1, help="devices each replica's model is split over (tensor parallel)")
     p.add_argument("--split", action="store_true",
                    help="prefill and decode on separate devices, --gpus each (DistServe's layout and the paper's): "
@@ -123,7 +123,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     validating = args.action == "validate"
     checkpoint = _checkpoint(args.model) if validating else None
     hw = hardware(args.hardware or ("cpu" if validating else "a100-40gb"))
-    shape = model_shape(checkpoint or args.model or "llama-2-13b")
+    # the CPU profile was calibrated on the default model: a 13B model on two cores is not what anyone means
+    default_model = _checkpoint(None) if args.hardware == "cpu" else "llama-2-13b"
+    shape = model_shape(checkpoint or args.model or default_model)
     if args.replicas < 1 or (args.replicas > 1 and (validating or args.split)):
         raise ValueError(f"--replicas {args.replicas}: at least 1; validate and --split run one engine")
     if args.split and (validating or not hw.link_bw):
