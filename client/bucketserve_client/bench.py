@@ -124,10 +124,15 @@ async def bench_target(target: Target, specs: list[RequestSpec], pool: list[Requ
         result["sweep"].append({"rate": rate, **run_json(record, rate)})
         if result["sweep"][-1]["summary"]["slo_attainment"] < CAPACITY_ATTAINMENT and not args.full_sweep:
             break  # the crossing is found; higher rates only queue longer
+    await target.close()
+    return conclude(result, rates)
+
+
+def conclude(result: dict[str, Any], rates: list[float]) -> dict[str, Any]:
+    """Add a target's headline figures to its runs: offline output tokens/s and capacity at 80% SLO."""
     cap = capacity([(p["rate"], p["summary"]["slo_attainment"]) for p in result["sweep"]])
     result["output_tokens_per_s"] = result["offline"]["summary"]["output_tokens_per_s"] if result["offline"] else None
     result["capacity_rps"], result["capacity_censored"] = (cap.rps, cap.censored) if rates else (None, False)
-    await target.close()
     return result
 
 

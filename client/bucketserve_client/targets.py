@@ -81,8 +81,8 @@ class TritonTarget:
         if self._client is None:  # created inside the running event loop, which the channel binds to
             self._client = grpcaio.InferenceServerClient(self.address)
         sampling = {"max_tokens": spec.output_len, "temperature": 0, "ignore_eos": True, "priority": spec.cls.priority}
-        if spec.deadline:
-            sampling["slo_ms"] = max(1, round(spec.cls.ttft_ms))
+        if spec.slo_ms is not None:
+            sampling["slo_ms"] = spec.slo_ms
         request = {"model_name": self.model, "inputs": build_inputs(spec.prompt or "", True, sampling),
                    "enable_empty_final_response": True}
 

@@ -71,6 +71,11 @@ class RequestSpec:
     """Whether a Triton target sends the class's TTFT SLO as ``slo_ms``, which the server also enforces
     (``slo_expiry``). Off in the offline throughput run, where every request must finish."""
 
+    @property
+    def slo_ms(self) -> int | None:
+        """The ``slo_ms`` the request carries: its class's TTFT SLO, when it has a deadline."""
+        return max(1, round(self.cls.ttft_ms)) if self.deadline else None
+
 
 def lognormal(rng: random.Random, median: float, mean: float) -> float:
     """A draw from the lognormal with this median and mean (mean > median)."""

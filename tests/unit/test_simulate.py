@@ -181,6 +181,7 @@ def test_calibrated_profile_predicts_the_real_executor(model_dir, tmp_path):
     docs/simulation.md)."""
     from bucketserve import LLM, SamplingParams
     from bucketserve.sim.calibrate import calibrate
+    from bucketserve.sim.validate import prompt_ids
 
     hw, steps = calibrate(str(model_dir), "here", log=lambda _m: None)
     assert hw.matmul_flops > 1e9 and hw.mem_bw > 1e8 and all(p > 0 for *_, p in steps)
@@ -190,8 +191,7 @@ def test_calibrated_profile_predicts_the_real_executor(model_dir, tmp_path):
     predicted = simulate(config, CostModel(hw, shape), specs, [0.0] * len(specs))
     predicted_s = max(o.sent + o.e2e for o in predicted.outcomes)
     with LLM(str(model_dir)) as llm:
-        prompts = [{"prompt_token_ids": [(7 * i + j) % shape.vocab for j in range(s.prompt_len)]}
-                   for i, s in enumerate(specs)]
+        prompts = [{"prompt_token_ids": prompt_ids(i, s.prompt_len, shape.vocab)} for i, s in enumerate(specs)]
         params = [SamplingParams(max_tokens=s.output_len, temperature=0, ignore_eos=True) for s in specs]
         llm.generate(prompts[:2], params[:2], use_tqdm=False)  # first forwards pay one-off costs
         start = time.perf_counter()

@@ -53,12 +53,9 @@ class EngineCore:
         reason = self.scheduler.too_big(request)
         if reason is None:
             self.scheduler.add(request)
-            limits = [request.timeout_ms]
-            if self.slo_expiry and request.slo_ms is not None and request.first_token_time is None:
-                limits.append(self.slo_expiry * request.slo_ms)
-            ms = min((m for m in limits if m is not None), default=None)
-            if ms is not None:
-                heapq.heappush(self._expiries, (request.arrival_time + ms / 1000, request.id, request))
+            expires = request.expires_at(self.slo_expiry)
+            if expires is not None:
+                heapq.heappush(self._expiries, (expires, request.id, request))
             return
         request.finish(FinishReason.ERROR, self.clock())
         self.emit([Event(request, [], FinishReason.ERROR, error=reason)])
@@ -148,7 +145,6 @@ class EngineCore:
             if entry[2] not in late:
                 heapq.heappush(self._expiries, entry)
         self.scheduler.drop_waiting({r.id for r in late})
-        now = self.clock()
         for request in late:
             request.finish(FinishReason.DEADLINE, now)
 

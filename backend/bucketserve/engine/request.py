@@ -154,6 +154,14 @@ class Request:
             return FinishReason.LENGTH
         return None
 
+    def expires_at(self, slo_expiry: float) -> float | None:
+        """The first moment ``missed_deadline`` can name a reason while no token has come (None: never)."""
+        limits = [self.timeout_ms]
+        if slo_expiry and self.slo_ms is not None and self.first_token_time is None:
+            limits.append(slo_expiry * self.slo_ms)
+        ms = min((m for m in limits if m is not None), default=None)
+        return None if ms is None else self.arrival_time + ms / 1000
+
     def missed_deadline(self, now: float, slo_expiry: float) -> str | None:
         """Why the request can no longer meet its deadline (so computing on is waste), if it cannot."""
         waited_ms = (now - self.arrival_time) * 1000

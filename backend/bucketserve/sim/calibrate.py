@@ -85,9 +85,10 @@ def _steps(executor: Any, vocab: int) -> tuple[list[tuple[str, list[int]]], list
     """Times of whole prefill and decode steps of the real executor over the grids."""
     from bucketserve.engine.executor import StepOutput
     from bucketserve.engine.request import Request, SamplingParams
+    from bucketserve.sim.validate import prompt_ids
 
     def requests(count: int, length: int, out: int) -> list[Request]:
-        return [Request("", [(7 * i + j) % vocab for j in range(length)],
+        return [Request("", prompt_ids(i, length, vocab),
                         SamplingParams(max_tokens=out, temperature=0, ignore_eos=True)) for i in range(count)]
 
     shapes: list[tuple[str, list[int]]] = []

@@ -90,9 +90,9 @@ def run_policy(label: str, runner: Runner, offline: list, pool: list, args: argp
                rates: list[float]) -> dict[str, Any]:
     """One policy's offline run and SLO sweep, laid out as one target of a bench report."""
     from bucketserve_client.arrivals import arrival_times
-    from bucketserve_client.bench import run_json, sweep_specs
+    from bucketserve_client.bench import conclude, run_json, sweep_specs
     from bucketserve_client.loadgen import RunRecord, progress
-    from bucketserve_client.stats import CAPACITY_ATTAINMENT, capacity
+    from bucketserve_client.stats import CAPACITY_ATTAINMENT
 
     def one(specs: list, times: list[float], offered: float | None) -> dict[str, Any]:
         bar = progress(f"{label} {'offline' if offered is None else f'{offered:g} req/s'}", len(specs))
@@ -109,10 +109,7 @@ def run_policy(label: str, runner: Runner, offline: list, pool: list, args: argp
                                                     rate)})
         if result["sweep"][-1]["summary"]["slo_attainment"] < CAPACITY_ATTAINMENT:
             break
-    cap = capacity([(p["rate"], p["summary"]["slo_attainment"]) for p in result["sweep"]])
-    result["output_tokens_per_s"] = result["offline"]["summary"]["output_tokens_per_s"] if result["offline"] else None
-    result["capacity_rps"], result["capacity_censored"] = (cap.rps, cap.censored) if rates else (None, False)
-    return result
+    return conclude(result, rates)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -4,6 +4,7 @@ takes what the cost model says; an idle engine jumps to the next arrival."""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -40,8 +41,7 @@ def activation_reserve(config: EngineConfig, cost: CostModel) -> int:
 
 def _request(spec: RequestSpec, arrival: float) -> Request:
     sampling = SamplingParams(max_tokens=spec.output_len, temperature=0, ignore_eos=True)
-    slo_ms = max(1, round(spec.cls.ttft_ms)) if spec.deadline else None
-    return Request("", [0] * spec.prompt_len, sampling, Priority(spec.cls.priority), slo_ms, arrival_time=arrival)
+    return Request("", [0] * spec.prompt_len, sampling, Priority(spec.cls.priority), spec.slo_ms, arrival_time=arrival)
 
 
 def outcome(spec: RequestSpec, request: Request, origin: float = 0.0) -> Outcome:
@@ -112,7 +112,7 @@ Router = Callable[[list[Replica], Request], int]
 
 
 def round_robin() -> Router:
-    count = iter(range(1 << 62))
+    count = itertools.count()
     return lambda replicas, _request: next(count) % len(replicas)
 
 

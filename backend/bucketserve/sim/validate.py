@@ -54,8 +54,7 @@ def run_real(model: LoadedModel, config: EngineConfig, specs: list[RequestSpec],
         delay = start + at - time.monotonic()
         if delay > 0:
             time.sleep(delay)  # an open-loop arrival process: the next request is due then
-        slo_ms = max(1, round(spec.cls.ttft_ms)) if spec.deadline else None
-        request = engine.make_request("", sampling, Priority(spec.cls.priority), slo_ms, prompt_ids=ids)
+        request = engine.make_request("", sampling, Priority(spec.cls.priority), spec.slo_ms, prompt_ids=ids)
         engine.submit(request)
         requests.append(request)
     with cond:
