@@ -17,8 +17,10 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -129,15 +131,35 @@ struct Shape {
   float scale;
 };
 
+// Runs every (row, kv head) job, longest row first, each taken by whichever thread is free next. A job's
+// cost is its row's length, which differs by up to the context length between rows: the contiguous split
+// of at::parallel_for left one thread with the long rows while the others waited for it. `worker()` makes
+// one thread's job function (holding that thread's scratch buffers).
+template <typename MakeWorker>
+void for_each_job(const Shape& s, const int64_t* lengths, const MakeWorker& worker) {
+  const int64_t jobs = s.rows * s.kv_heads;
+  std::vector<int64_t> order(jobs);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return lengths[a / s.kv_heads] > lengths[b / s.kv_heads]; });
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), jobs), 1, [&](int64_t, int64_t) {
+    auto run = worker();
+    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < jobs;
+         i = next.fetch_add(1, std::memory_order_relaxed))
+      run(order[i]);
+  });
+}
+
 // a vector path: the head size DIM is known at compile time
 template <typename T, int DIM>
 void decode(const T* __restrict q, const T* __restrict key_pool, const T* __restrict value_pool,
             const int64_t* __restrict tables, const int64_t* __restrict lengths, T* __restrict out, const Shape s) {
   constexpr int G = DIM <= 64 ? 4 : 2;  // query heads per pass over the values: G x DIM / 16 accumulators
   const int64_t group = s.heads / s.kv_heads, page_size = s.page_size;
-  at::parallel_for(0, s.rows * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> query(group * DIM), acc(group * DIM), scores, totals(group);
-    for (int64_t job = begin; job < end; ++job) {
+  for_each_job(s, lengths, [&] {
+    return [&, query = std::vector<float>(group * DIM), acc = std::vector<float>(group * DIM),
+            scores = std::vector<float>(), totals = std::vector<float>(group)](int64_t job) mutable {
       const int64_t row = job / s.kv_heads, kv_head = job % s.kv_heads, length = lengths[row];
       const int64_t* pages = tables + row * s.most_pages;
       const T* q_row = q + (row * s.heads + kv_head * group) * DIM;
@@ -164,7 +186,7 @@ void decode(const T* __restrict q, const T* __restrict key_pool, const T* __rest
         const float inverse = 1.f / totals[g];
         for (int64_t d = 0; d < DIM; ++d) o[d] = static_cast<T>(acc[g * DIM + d] * inverse);
       }
-    }
+    };
   });
 }
 
@@ -173,9 +195,8 @@ template <typename T>
 void decode_any(const T* __restrict q, const T* __restrict key_pool, const T* __restrict value_pool,
                 const int64_t* __restrict tables, const int64_t* __restrict lengths, T* __restrict out, const Shape s) {
   const int64_t dim = s.dim, group = s.heads / s.kv_heads, page_size = s.page_size;
-  at::parallel_for(0, s.rows * s.kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(dim), scores;
-    for (int64_t job = begin; job < end; ++job) {
+  for_each_job(s, lengths, [&] {
+    return [&, acc = std::vector<float>(dim), scores = std::vector<float>()](int64_t job) mutable {
       const int64_t row = job / s.kv_heads, kv_head = job % s.kv_heads, length = lengths[row];
       const int64_t* pages = tables + row * s.most_pages;
       scores.resize(length);
@@ -199,7 +220,7 @@ void decode_any(const T* __restrict q, const T* __restrict key_pool, const T* __
         T* o = out + (row * s.heads + kv_head * group + g) * dim;
         for (int64_t d = 0; d < dim; ++d) o[d] = static_cast<T>(acc[d] / total);
       }
-    }
+    };
   });
 }
 
