@@ -249,3 +249,23 @@ def test_a_request_that_can_no_longer_get_its_first_token_in_time_is_ended(model
     else:  # 0: late requests still run
         assert final.finish_reason is FinishReason.LENGTH and len(collector.tokens[hopeful.id]) == 4
     assert collector.finals[blocker.id][0].finish_reason is FinishReason.LENGTH
+
+
+def test_loading_work_runs_on_a_thread_that_is_gone_after_it_returns():
+    """Model loading and KV allocation run there, so the caller's thread keeps no OpenMP team beside the engine's."""
+    from bucketserve.factory import on_passing_thread
+
+    ran_on: list[threading.Thread] = []
+
+    def work(x: int, *, y: int) -> int:
+        ran_on.append(threading.current_thread())
+        return x + y
+
+    assert on_passing_thread(work, 1, y=2) == 3
+    assert ran_on[0] is not threading.current_thread() and not ran_on[0].is_alive()
+
+    def fails() -> None:
+        raise MemoryError("no room for the KV pool")
+
+    with pytest.raises(MemoryError, match="no room"):
+        on_passing_thread(fails)

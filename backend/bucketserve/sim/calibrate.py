@@ -157,21 +157,22 @@ def calibrate(model_path: str, name: str, log: Callable[[str], None] = print) ->
     the whole engine's cost per token is added)."""
     from bucketserve.config import EngineConfig
     from bucketserve.engine.memory import available_ram
-    from bucketserve.factory import load_model
+    from bucketserve.factory import load_model, on_passing_thread
 
     config = EngineConfig(device="cpu", executor="paged")
     loaded = load_model(config, model_path, log=log)
     executor = loaded.executor
-    executor.allocate(1 << 30)
+    on_passing_thread(executor.allocate, 1 << 30)
     shape = ModelShape.from_config(Path(model_path))
     dtype = str(executor.model.dtype).removeprefix("torch.")
     dtype_bytes = executor.model.dtype.itemsize
     log("[calibrate] timing the model's matmuls and attention")
-    flops, read, attention = _operators(executor, shape, dtype_bytes)
+    # timed on threads that end, as the engine's own thread runs: see on_passing_thread
+    flops, read, attention = on_passing_thread(_operators, executor, shape, dtype_bytes)
     log(f"[calibrate] matmul {flops / 1e9:.0f} GFLOP/s, weights read at {read / 1e9:.1f} GB/s, "
         f"prefill attention {attention / 1e9:.0f} GFLOP/s")
     log(f"[calibrate] timing {len(PREFILL_GRID)} prefill and {len(DECODE_GRID)} decode steps")
-    shapes, measured = _steps(executor, shape.vocab)
+    shapes, measured = on_passing_thread(_steps, executor, shape.vocab)
     bare = Hardware(name, flops, read, attention, act_bw=float("inf"),
                     memory_bytes=config.kv_cache_memory_fraction * available_ram(), step_overhead_s=0.0,
                     row_overhead_s=0.0, kv_bw=float("inf"), dtype=dtype, source="")
