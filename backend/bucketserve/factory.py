@@ -5,7 +5,7 @@ and the tests. Loading the model (``load_model``) is separate from building an e
 from __future__ import annotations
 
 import os
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
@@ -29,20 +29,8 @@ def on_passing_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     regions then waits for a worker to wake. Measured on 2 cores: small matmuls with 40 us of Python
     between them took 1.7x as long (120,000 context switches instead of 350). A thread that ends takes its
     team with it."""
-    result: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            result["value"] = fn(*args, **kwargs)
-        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
-            result["error"] = e
-
-    thread = threading.Thread(target=run, name="bucketserve-load")
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bucketserve-load") as pool:
+        return pool.submit(fn, *args, **kwargs).result()  # leaving the block joins the thread: it has ended
 
 
 @dataclass
