@@ -32,7 +32,7 @@ def test_decode_is_memory_bound_and_prefill_compute_bound():
     cost = CostModel(A100, LLAMA_7B)
     weights_read = LLAMA_7B.num_parameters * 2 / A100.mem_bw
     one_row = cost.decode_s([100])
-    assert weights_read < one_row < weights_read * 1.2
+    assert weights_read < one_row < weights_read * 1.2 + cost.fixed_s(1)
     # 8 rows read the same weights once: barely slower than one
     assert cost.decode_s([100] * 8) < 1.1 * one_row
     # a long prefill costs in proportion to its tokens
@@ -208,3 +208,29 @@ def test_the_cpu_profile_simulates_the_default_model_unless_told_otherwise(model
     assert bucketserve(["simulate", "--hardware", "cpu", "--workload", "peers", "--num-requests", "8",
                         "--policies", "continuous", "--out", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["environment"]["simulated"]["model"] == str(model_dir)
+
+
+def test_fit_recovers_the_efficiencies_behind_vidur_style_operator_times(tmp_path):
+    """Times written in Vidur's mlp.csv layout from known efficiencies come back as those efficiencies."""
+    from bucketserve.sim.vidur import ELEMENTWISE, MATMULS, Row, elementwise_bytes, fit, matmul_s, read
+
+    peak, hbm, compute, memory, latency, floor = 312e12, 2039e9, 0.7, 0.8, 8e-6, 30e-6
+    header = [f"time_stats.{op}.median" for op in [*MATMULS, *ELEMENTWISE]]
+    lines = [",".join(header + ["n_head", "n_kv_head", "n_embd", "n_expanded_embd", "num_tokens",
+                                "num_tensor_parallel_workers"])]
+    for tp in (1, 2, 4):
+        for tokens in (1, 8, 64, 256, 512, 1024, 2048, 4096):
+            row = Row(tokens, tp, 4096, 11008, 32, 32, {})
+            weights = row.weights()
+            times = [float(matmul_s(tokens, weights[op], peak, hbm, compute, memory, latency, 2)) for op in MATMULS.values()]
+            # elementwise: the traffic at 0.4 of HBM plus the floor, spread over six kernels (add runs twice)
+            share = (elementwise_bytes(row, 2) / (hbm * 0.4) + floor) / 6
+            times += [share] * len(ELEMENTWISE)
+            lines.append(",".join([f"{t * 1e3:.9f}" for t in times] + ["32", "32", "4096", "11008", str(tokens), str(tp)]))
+    path = tmp_path / "mlp.csv"
+    path.write_text("\n".join(lines) + "\n")
+    f = fit(read(path), peak, hbm)
+    assert abs(f.matmul - compute) <= 0.01 and abs(f.memory - memory) <= 0.01
+    assert abs(f.matmul_latency_s - latency) <= 1e-6
+    assert f.errors["qkv"][1] < 0.02
+    assert 0.35 < f.elementwise < 0.45 and f.layer_overhead_s > 4 * latency

@@ -26,9 +26,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("simulate", help="the scheduler in simulated time on a hardware profile (GPU presets or this "
                                         "CPU); `simulate calibrate` writes this machine's profile",
                        description=__doc__)
-    s.add_argument("action", nargs="?", choices=("run", "calibrate", "validate"), default="run",
+    s.add_argument("action", nargs="?", choices=("run", "calibrate", "validate", "fit"), default="run",
                    help="run (default) a simulation; calibrate: time the real executor on this machine and write "
-                        "its profile to --out; validate: each run also on the real engine here, with the error")
+                        "its profile to --out; validate: each run also on the real engine here, with the error; "
+                        "fit: a GPU's efficiencies from Vidur's operator profiles (--vidur)")
+    s.add_argument("--vidur", action="append", type=Path, default=[], metavar="MLP_CSV",
+                   help="fit: one of Vidur's data/profiling/compute/<gpu>/<model>/mlp.csv (repeatable), timed on the "
+                        "--hardware preset's GPU")
     add_arguments(s)
     s.set_defaults(func=main)
 
@@ -238,11 +242,32 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit(args: argparse.Namespace) -> int:
+    from bucketserve.sim.hardware import SPECS
+    from bucketserve.sim.vidur import fit, read
+
+    spec = SPECS.get(args.hardware or "")
+    if spec is None or not args.vidur:
+        print(f"[fit] ERROR: needs --hardware (one of {', '.join(SPECS)}) and --vidur MLP_CSV", file=sys.stderr)
+        return 2
+    rows = [row for path in args.vidur for row in read(path)]
+    f = fit(rows, spec.peak_flops, spec.hbm_bw)
+    print(f"{len(rows)} timed configurations on {args.hardware}: matmul {f.matmul:.3f} of peak, memory {f.memory:.3f} "
+          f"and elementwise {f.elementwise:.3f} of HBM, {f.matmul_latency_s * 1e6:.1f} us per matmul and "
+          f"{f.elementwise_floor_s * 1e6:.1f} us of elementwise floor: {f.layer_overhead_s * 1e6:.1f} us per layer\n")
+    print("| operator | median error | p90 error |\n|---|---|---|")
+    for op, (median, p90) in f.errors.items():
+        print(f"| {op} | {median:.1%} | {p90:.1%} |")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     from bucketserve_client import report
 
     if args.action == "calibrate":
         return _calibrate(args)
+    if args.action == "fit":
+        return _fit(args)
     try:
         results = run(args)
     except (ValueError, ConfigError, OSError) as e:

@@ -2,8 +2,8 @@
 
 Each matmul takes the longer of its compute (2 x rows x weights / FLOP/s) and its weight read (bytes /
 bandwidth), so decode at small batch is memory-bound and prefill compute-bound, as measured on real
-devices. Attention is causal FLOPs for a prefill and the cached keys and values read for a decode row
-(padding included, if the executor pads). With ``devices`` > 1 the model is split tensor-parallel:
+devices; a fixed time per layer adds what small kernels take to start and drain. Attention is causal FLOPs
+for a prefill and the cached keys and values read for a decode row (padding included, if the executor pads). With ``devices`` > 1 the model is split tensor-parallel:
 rates multiply, and each layer adds two all-reduces of the activations over the link.
 """
 
@@ -35,6 +35,11 @@ class CostModel:
         n = self.devices
         return max(2 * rows * params / (self.hw.matmul_flops * n), params * self.dtype_bytes / (self.hw.mem_bw * n))
 
+    def fixed_s(self, rows: int) -> float:
+        """What a forward pass costs whatever its size: per step, per row, and per layer (each device runs every
+        layer on its shard, so tensor parallelism does not divide it)."""
+        return self.hw.step_overhead_s + self.hw.row_overhead_s * rows + self.model.layers * self.hw.layer_overhead_s
+
     def elementwise_s(self, tokens: int) -> float:
         """Norms, RoPE, residual adds and the gated activation: a few reads and writes of each layer's
         activations per token (8 x hidden + 3 x intermediate values)."""
@@ -56,7 +61,7 @@ class CostModel:
         tokens = sum(lengths)
         causal = sum(n * n for n in lengths)  # QK^T and PV over half of an n x n square each
         attention = 2 * causal * m.heads * m.head_dim * m.layers / (self.hw.attention_flops * self.devices)
-        return (self.hw.step_overhead_s + self.hw.row_overhead_s * len(lengths) + self.matmul_s(tokens, m.body_params)
+        return (self.fixed_s(len(lengths)) + self.matmul_s(tokens, m.body_params)
                 + self.matmul_s(len(lengths), m.head_params) + attention + self.elementwise_s(tokens)
                 + self.all_reduce_s(tokens))
 
@@ -65,5 +70,5 @@ class CostModel:
         m = self.model
         rows = len(contexts)
         kv = sum(contexts) * m.kv_bytes_per_token(self.dtype_bytes) / ((self.hw.kv_bw or self.hw.mem_bw) * self.devices)
-        return (self.hw.step_overhead_s + self.hw.row_overhead_s * rows + self.matmul_s(rows, m.body_params)
+        return (self.fixed_s(rows) + self.matmul_s(rows, m.body_params)
                 + self.matmul_s(rows, m.head_params) + kv + self.elementwise_s(rows) + self.all_reduce_s(rows))

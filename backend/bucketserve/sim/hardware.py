@@ -1,6 +1,7 @@
 """Hardware profiles: the rates a step's cost model divides by, and the fixed costs it adds.
 
-GPU profiles come from public datasheet peaks times an efficiency we assume (and say so in ``source``);
+GPU profiles come from public datasheet peaks times efficiencies fitted to Vidur's published operator times
+(``sim/vidur.py``), and say so in ``source``;
 a CPU profile comes from ``bucketserve simulate calibrate``, which times the real executor on this machine.
 Rates are what a step achieves, not peaks: ``matmul_flops`` is dense matmul FLOP/s at large batch,
 ``mem_bw`` the bytes/s a memory-bound matmul or the decode attention reads weights and KV at.
@@ -32,6 +33,9 @@ class Hardware:
     """Fixed cost of an engine step: scheduling, input preparation, launches."""
     row_overhead_s: float
     """Cost per sequence in a step: its bookkeeping, sampling and output."""
+    layer_overhead_s: float = 0.0
+    """Fixed time per decoder layer per forward pass: the start and tail of small kernels, which a roofline misses
+    (GPUs; on the CPU the calibrated per-step cost holds it)."""
     kv_bw: float = 0.0
     """Bytes/s a decode step's attention reads cached keys and values at; 0: ``mem_bw`` (a GPU streams both
     alike; a CPU kernel does arithmetic on each position and reads them slower)."""
@@ -60,27 +64,64 @@ class Hardware:
         return cls(**data)
 
 
-MATMUL_EFFICIENCY, ATTENTION_EFFICIENCY, MEMORY_EFFICIENCY, ACT_EFFICIENCY = 0.7, 0.5, 0.8, 0.5
-"""Our assumptions for GPUs: cuBLAS reaches 60-80% of the dense peak on LLM-sized GEMMs; FlashAttention-2
-reports 50-73% of the A100's peak in its forward pass; HBM streams at ~80-90% of its datasheet bandwidth;
-unfused elementwise kernels do worse."""
+@dataclass(frozen=True)
+class GpuSpec:
+    """A GPU's datasheet figures."""
+    peak_flops: float
+    """Dense bf16 FLOP/s."""
+    hbm_bw: float
+    memory_bytes: float
+    link_bw: float
+    """NVLink bytes/s per direction."""
+    datasheet: str
 
 
-def _gpu(name: str, peak_flops: float, hbm: float, memory: float, link: float, where: str) -> Hardware:
-    return Hardware(name, peak_flops * MATMUL_EFFICIENCY, hbm * MEMORY_EFFICIENCY, peak_flops * ATTENTION_EFFICIENCY,
-                    hbm * ACT_EFFICIENCY, memory, step_overhead_s=2e-3, row_overhead_s=10e-6,
-                    link_bw=link, link_latency_s=10e-6, dtype="bfloat16",
-                    source=f"{where}: dense bf16 peak {peak_flops / 1e12:g} TFLOP/s, HBM {hbm / GB:,.0f} GB/s, "
-                           f"NVLink {link / GB:g} GB/s per direction; efficiencies matmul {MATMUL_EFFICIENCY}, "
-                           f"attention {ATTENTION_EFFICIENCY}, memory {MEMORY_EFFICIENCY} (assumed); overheads "
-                           "2 ms per step and 10 us per row (assumed)")
+@dataclass(frozen=True)
+class Efficiency:
+    """What a GPU reaches of its datasheet, fitted to Vidur's operator profiles by ``bucketserve simulate fit``
+    (see ``sim/vidur.py``)."""
+    matmul: float
+    memory: float
+    elementwise: float
+    layer_overhead_s: float
+    fitted_to: str
 
 
-PRESETS = {
-    "a100-40gb": _gpu("a100-40gb", 312e12, 1555 * GB, 40 * GB, 300 * GB, "NVIDIA A100 datasheet (SXM4 40GB)"),
-    "a100-80gb": _gpu("a100-80gb", 312e12, 2039 * GB, 80 * GB, 300 * GB, "NVIDIA A100 datasheet (SXM4 80GB)"),
-    "h100-80gb": _gpu("h100-80gb", 989e12, 3350 * GB, 80 * GB, 450 * GB, "NVIDIA H100 datasheet (SXM5)"),
+ATTENTION_EFFICIENCY = 0.5
+"""Assumed: FlashAttention-2 reports 50-73% of the A100's peak in its forward pass (Vidur's attention profiles
+are not in its public snapshot)."""
+STEP_OVERHEAD_S, ROW_OVERHEAD_S = 2e-3, 10e-6
+"""Assumed: the engine's own time per step and per row on the host (scheduling, sampling, outputs)."""
+
+SPECS = {
+    "a100-40gb": GpuSpec(312e12, 1555 * GB, 40 * GB, 300 * GB, "NVIDIA A100 datasheet (SXM4 40GB)"),
+    "a100-80gb": GpuSpec(312e12, 2039 * GB, 80 * GB, 300 * GB, "NVIDIA A100 datasheet (SXM4 80GB)"),
+    "h100-80gb": GpuSpec(989e12, 3350 * GB, 80 * GB, 450 * GB, "NVIDIA H100 datasheet (SXM5)"),
 }
+VIDUR = "Vidur's profiles (github.com/microsoft/vidur @ 7d47513, MIT), data/profiling/compute"
+EFFICIENCIES = {
+    # bucketserve simulate fit --hardware a100-80gb --vidur .../a100/meta-llama/{Llama-2-7b-hf,Llama-2-70b-hf,Meta-Llama-3-8B}/mlp.csv
+    "a100": Efficiency(0.705, 0.77, 0.43, 63e-6, f"{VIDUR}/a100 (A100 80GB), Llama-2-7B, Llama-2-70B, Llama-3-8B"),
+    # bucketserve simulate fit --hardware h100-80gb --vidur .../h100/meta-llama/{Llama-2-7b-hf,Llama-2-70b-hf}/mlp.csv
+    "h100": Efficiency(0.69, 0.885, 0.51, 60.5e-6, f"{VIDUR}/h100, Llama-2-7B, Llama-2-70B"),
+}
+
+
+def _gpu(name: str) -> Hardware:
+    spec, eff = SPECS[name], EFFICIENCIES[name.split("-")[0]]
+    return Hardware(name, spec.peak_flops * eff.matmul, spec.hbm_bw * eff.memory, spec.peak_flops * ATTENTION_EFFICIENCY,
+                    spec.hbm_bw * eff.elementwise, spec.memory_bytes, step_overhead_s=STEP_OVERHEAD_S,
+                    row_overhead_s=ROW_OVERHEAD_S, layer_overhead_s=eff.layer_overhead_s, link_bw=spec.link_bw,
+                    link_latency_s=10e-6, dtype="bfloat16",
+                    source=f"{spec.datasheet}: dense bf16 peak {spec.peak_flops / 1e12:g} TFLOP/s, HBM "
+                           f"{spec.hbm_bw / GB:,.0f} GB/s, NVLink {spec.link_bw / GB:g} GB/s per direction; matmul "
+                           f"{eff.matmul}, memory {eff.memory}, elementwise {eff.elementwise} of those and "
+                           f"{eff.layer_overhead_s * 1e6:g} us per layer, fitted to {eff.fitted_to}; attention "
+                           f"{ATTENTION_EFFICIENCY} of peak, {STEP_OVERHEAD_S * 1e3:g} ms per step and "
+                           f"{ROW_OVERHEAD_S * 1e6:g} us per row (assumed)")
+
+
+PRESETS = {name: _gpu(name) for name in SPECS}
 
 CPU_PROFILE = Path(__file__).with_name("profiles") / "cpu.json"
 """The calibrated profile of the machines this project is developed and tested on (2 cores, AVX-512)."""
