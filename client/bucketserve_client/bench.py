@@ -105,9 +105,13 @@ def sweep_specs(specs: list[RequestSpec], rate: float, seconds: float) -> list[R
 async def bench_target(target: Target, specs: list[RequestSpec], pool: list[RequestSpec], args: argparse.Namespace,
                        rates: list[float]) -> dict[str, Any]:
     """``specs`` run offline; the sweep draws from ``pool`` (which starts with them)."""
-    warm = [replace(s, output_len=WARMUP_OUTPUT) for s in specs[:args.warmup]]
+    # a cold server's first forwards pay one-off costs: no deadline, or a slow model's warm-up expires
+    warm = [replace(s, output_len=WARMUP_OUTPUT, deadline=False) for s in specs[:args.warmup]]
     if warm:
-        await loadgen.run(target, warm, [0.0] * len(warm), f"{target.label} warm-up")
+        record = await loadgen.run(target, warm, [0.0] * len(warm), f"{target.label} warm-up")
+        errors = sorted({o.error or "no final response" for o in record.outcomes if not o.ok})
+        if errors:
+            print(f"[bench] {target.label}: warm-up requests failed: {'; '.join(errors)}", file=sys.stderr)
     result: dict[str, Any] = {"offline": None, "sweep": []}
     if args.offline:
         # throughput: every request runs to its end, so none carries a deadline the server would enforce
