@@ -115,8 +115,11 @@ class ResponseThread:
         lower_priority()
         next_poll = next_tick = time.monotonic()
         while True:
+            # with no stream open there is nothing to poll: wake for the metrics tick only (an idle model's
+            # thread woke 20 times a second, and every wake-up takes a core from a busy neighbour's matmuls)
+            wait = self.poll_s if self._streams else max(0.0, next_tick - time.monotonic())
             try:
-                items = [self._queue.get(timeout=self.poll_s)]
+                items = [self._queue.get(timeout=wait)]
             except queue.Empty:
                 items = []
             while True:  # everything queued meanwhile: a stream that lagged gets one response for all of it
