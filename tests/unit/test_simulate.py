@@ -210,7 +210,7 @@ def test_the_cpu_profile_simulates_the_default_model_unless_told_otherwise(model
     assert json.loads((out / "results.json").read_text())["environment"]["simulated"]["model"] == str(model_dir)
 
 
-def test_fit_recovers_the_efficiencies_behind_vidur_style_operator_times(tmp_path):
+def test_fit_recovers_the_efficiencies_behind_vidur_style_operator_times(tmp_path, capsys):
     """Times written in Vidur's mlp.csv layout from known efficiencies come back as those efficiencies."""
     from bucketserve.sim.vidur import ELEMENTWISE, MATMULS, Row, elementwise_bytes, fit, matmul_s, read
 
@@ -234,3 +234,9 @@ def test_fit_recovers_the_efficiencies_behind_vidur_style_operator_times(tmp_pat
     assert abs(f.matmul_latency_s - latency) <= 1e-6
     assert f.errors["qkv"][1] < 0.02
     assert 0.35 < f.elementwise < 0.45 and f.layer_overhead_s > 4 * latency
+    # the command prints the same fit, with its errors; it needs a GPU preset and at least one profile
+    assert bucketserve(["simulate", "fit", "--hardware", "a100-80gb", "--vidur", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "matmul 0.700 of peak, memory 0.800" in out and "| qkv |" in out
+    assert bucketserve(["simulate", "fit", "--hardware", "cpu", "--vidur", str(path)]) == 2
+    assert bucketserve(["simulate", "fit", "--hardware", "a100-80gb"]) == 2
