@@ -121,12 +121,10 @@ def fit(rows: list[Row], peak_flops: float, hbm_bw: float, dtype_bytes: int = 2)
     big = [r for r in one if r.tokens >= 512]
     elementwise = float(np.exp(np.mean(np.log([elementwise_bytes(r, dtype_bytes) / hbm_bw / (r.elementwise_s() - floor)
                                                 for r in big]))))
-    predicted = matmul_s(tokens, weights, peak_flops, hbm_bw, compute, memory, latency, dtype_bytes)
-    names = [op for _ in rows for op in MATMULS.values()]
-    errors: dict[str, tuple[float, float]] = {}
-    for op in MATMULS.values():
-        rel = np.array([abs(p / m - 1) for p, m, n in zip(predicted, measured, names) if n == op])
-        errors[op] = (float(np.median(rel)), float(np.percentile(rel, 90)))
+    rel = np.abs(matmul_s(tokens, weights, peak_flops, hbm_bw, compute, memory, latency, dtype_bytes) / measured - 1)
+    names = np.array([op for _ in rows for op in MATMULS.values()])
+    errors = {op: (float(np.median(rel[names == op])), float(np.percentile(rel[names == op], 90)))
+              for op in MATMULS.values()}
     rel = np.array([abs((elementwise_bytes(r, dtype_bytes) / (hbm_bw * elementwise) + floor) / r.elementwise_s() - 1)
                     for r in one])
     errors["elementwise"] = (float(np.median(rel)), float(np.percentile(rel, 90)))
