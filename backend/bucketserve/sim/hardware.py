@@ -65,18 +65,6 @@ class Hardware:
 
 
 @dataclass(frozen=True)
-class GpuSpec:
-    """A GPU's datasheet figures."""
-    peak_flops: float
-    """Dense bf16 FLOP/s."""
-    hbm_bw: float
-    memory_bytes: float
-    link_bw: float
-    """NVLink bytes/s per direction."""
-    datasheet: str
-
-
-@dataclass(frozen=True)
 class Efficiency:
     """What a GPU reaches of its datasheet, fitted to Vidur's operator profiles by ``bucketserve simulate fit``
     (see ``sim/vidur.py``)."""
@@ -87,28 +75,39 @@ class Efficiency:
     fitted_to: str
 
 
+@dataclass(frozen=True)
+class GpuSpec:
+    """A GPU's datasheet figures, and the efficiencies fitted for its family."""
+    peak_flops: float
+    """Dense bf16 FLOP/s."""
+    hbm_bw: float
+    memory_bytes: float
+    link_bw: float
+    """NVLink bytes/s per direction."""
+    datasheet: str
+    efficiency: Efficiency
+
+
 ATTENTION_EFFICIENCY = 0.5
 """Assumed: FlashAttention-2 reports 50-73% of the A100's peak in its forward pass (Vidur's attention profiles
 are not in its public snapshot)."""
 STEP_OVERHEAD_S, ROW_OVERHEAD_S = 2e-3, 10e-6
 """Assumed: the engine's own time per step and per row on the host (scheduling, sampling, outputs)."""
 
-SPECS = {
-    "a100-40gb": GpuSpec(312e12, 1555 * GB, 40 * GB, 300 * GB, "NVIDIA A100 datasheet (SXM4 40GB)"),
-    "a100-80gb": GpuSpec(312e12, 2039 * GB, 80 * GB, 300 * GB, "NVIDIA A100 datasheet (SXM4 80GB)"),
-    "h100-80gb": GpuSpec(989e12, 3350 * GB, 80 * GB, 450 * GB, "NVIDIA H100 datasheet (SXM5)"),
-}
 VIDUR = "Vidur's profiles (github.com/microsoft/vidur @ 7d47513, MIT), data/profiling/compute"
-EFFICIENCIES = {
-    # bucketserve simulate fit --hardware a100-80gb --vidur .../a100/meta-llama/{Llama-2-7b-hf,Llama-2-70b-hf,Meta-Llama-3-8B}/mlp.csv
-    "a100": Efficiency(0.705, 0.77, 0.43, 63e-6, f"{VIDUR}/a100 (A100 80GB), Llama-2-7B, Llama-2-70B, Llama-3-8B"),
-    # bucketserve simulate fit --hardware h100-80gb --vidur .../h100/meta-llama/{Llama-2-7b-hf,Llama-2-70b-hf}/mlp.csv
-    "h100": Efficiency(0.69, 0.885, 0.51, 60.5e-6, f"{VIDUR}/h100, Llama-2-7B, Llama-2-70B"),
+# bucketserve simulate fit --hardware a100-80gb --vidur .../a100/meta-llama/{Llama-2-7b-hf,Llama-2-70b-hf,Meta-Llama-3-8B}/mlp.csv
+A100_FIT = Efficiency(0.705, 0.77, 0.43, 63e-6, f"{VIDUR}/a100 (A100 80GB), Llama-2-7B, Llama-2-70B, Llama-3-8B")
+# bucketserve simulate fit --hardware h100-80gb --vidur .../h100/meta-llama/{Llama-2-7b-hf,Llama-2-70b-hf}/mlp.csv
+H100_FIT = Efficiency(0.69, 0.885, 0.51, 60.5e-6, f"{VIDUR}/h100, Llama-2-7B, Llama-2-70B")
+SPECS = {
+    "a100-40gb": GpuSpec(312e12, 1555 * GB, 40 * GB, 300 * GB, "NVIDIA A100 datasheet (SXM4 40GB)", A100_FIT),
+    "a100-80gb": GpuSpec(312e12, 2039 * GB, 80 * GB, 300 * GB, "NVIDIA A100 datasheet (SXM4 80GB)", A100_FIT),
+    "h100-80gb": GpuSpec(989e12, 3350 * GB, 80 * GB, 450 * GB, "NVIDIA H100 datasheet (SXM5)", H100_FIT),
 }
 
 
 def _gpu(name: str) -> Hardware:
-    spec, eff = SPECS[name], EFFICIENCIES[name.split("-")[0]]
+    spec, eff = SPECS[name], SPECS[name].efficiency
     return Hardware(name, spec.peak_flops * eff.matmul, spec.hbm_bw * eff.memory, spec.peak_flops * ATTENTION_EFFICIENCY,
                     spec.hbm_bw * eff.elementwise, spec.memory_bytes, step_overhead_s=STEP_OVERHEAD_S,
                     row_overhead_s=ROW_OVERHEAD_S, layer_overhead_s=eff.layer_overhead_s, link_bw=spec.link_bw,
