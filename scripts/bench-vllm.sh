@@ -14,6 +14,8 @@ MODEL_DIR=${MODEL_DIR:-$("$BIN/python" -c "from bucketserve_client.defaults impo
 MAX_LEN=${MAX_LEN:-2048}
 # both servers compute in this dtype (float32 or bfloat16); ours also keeps its KV cache in it, as vLLM's "auto" does
 DTYPE=${DTYPE:-float32}
+# any of mixed (offline), peers (offline), sweep (mixed at $RATES)
+WORKLOADS=${WORKLOADS:-mixed peers sweep}
 TMP=$(mktemp -d -t bench-vllm.XXXXXX)
 
 if [ ! -x "$VLLM_VENV/bin/python" ] || ! "$VLLM_VENV/bin/python" -c "import vllm" 2>/dev/null; then
@@ -26,20 +28,26 @@ if [ ! -x "$VLLM_VENV/bin/python" ] || ! "$VLLM_VENV/bin/python" -c "import vllm
 fi
 "$BIN/bucketserve" build-model "$MODEL_DIR" >&2
 
-# each workload: offline mixed, offline peers, the mixed SLO sweep
 run_all() {  # $1: target URL, $2: name
-  "$BIN/bucketserve-client" bench --targets "$1" --workload mixed --num-requests 96 --out "$TMP/$2-mixed" >&2
-  "$BIN/bucketserve-client" bench --targets "$1" --workload peers --num-requests 64 --out "$TMP/$2-peers" >&2
-  "$BIN/bucketserve-client" bench --targets "$1" --workload mixed --no-offline --rates "$RATES" \
-    --out "$TMP/$2-sweep" >&2
+  for w in $WORKLOADS; do
+    case $w in
+      mixed) "$BIN/bucketserve-client" bench --targets "$1" --workload mixed --num-requests 96 --out "$TMP/$2-mixed" >&2 ;;
+      peers) "$BIN/bucketserve-client" bench --targets "$1" --workload peers --num-requests 64 --out "$TMP/$2-peers" >&2 ;;
+      sweep) "$BIN/bucketserve-client" bench --targets "$1" --workload mixed --no-offline --rates "$RATES" \
+               --out "$TMP/$2-sweep" >&2 ;;
+      *) echo "[bench-vllm] unknown workload $w (mixed, peers, sweep)" >&2; exit 2 ;;
+    esac
+  done
 }
 
 start_server --model-path "$MODEL_DIR" --param "dtype=$DTYPE"
 run_all "triton://127.0.0.1:$GRPC_PORT/bucketserve?metrics=$METRICS_PORT" bucketserve
 stop_server
 
-echo "[bench-vllm] starting vLLM on 127.0.0.1:$VLLM_PORT" >&2
-VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-0-$(($(nproc) - 1))} VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
+# vLLM's CPU guide preloads tcmalloc as `bucketserve` does (its own wheels bundle it; PyPI's does not)
+TCMALLOC=$("$BIN/python" -c "from bucketserve.launcher.allocator import find_tcmalloc as f; print(f() or '')")
+echo "[bench-vllm] starting vLLM on 127.0.0.1:$VLLM_PORT (malloc: ${TCMALLOC:-glibc})" >&2
+LD_PRELOAD=${TCMALLOC}${LD_PRELOAD:+:$LD_PRELOAD} VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-0-$(($(nproc) - 1))} VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
   "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" --host 127.0.0.1 \
   --port "$VLLM_PORT" --dtype "$DTYPE" --max-model-len "$MAX_LEN" --no-enable-prefix-caching \
   --gpu-memory-utilization "${VLLM_MEMORY:-0.3}" \
@@ -53,7 +61,7 @@ done
 run_all "openai://127.0.0.1:$VLLM_PORT/v1" vllm
 kill -TERM $VLLM_PID; wait $VLLM_PID 2>/dev/null || true
 
-for w in mixed peers sweep; do
+for w in $WORKLOADS; do
   "$BIN/bucketserve-client" report "$TMP/bucketserve-$w/results.json" "$TMP/vllm-$w/results.json" --out "$OUT/$w"
 done
-echo "[bench-vllm] reports in $OUT/{mixed,peers,sweep}" >&2
+echo "[bench-vllm] reports in $OUT/ ($WORKLOADS)" >&2

@@ -89,6 +89,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``argv`` None: run as the program, which first re-executes itself under tcmalloc where found."""
+    if argv is None:
+        from bucketserve.launcher import allocator
+
+        allocator.reexec()
     args = parser().parse_args(argv)
     return args.func(args)
 

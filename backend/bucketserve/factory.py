@@ -39,6 +39,12 @@ class LoadedModel:
     tokenizer: PromptTokenizer
     executor: Executor
 
+    def info(self) -> dict[str, str]:
+        """What the model runs on, for metrics labels and reports: the executor's facts and the malloc."""
+        from bucketserve.launcher import allocator
+
+        return {**self.executor.info(), "malloc": allocator.name()}
+
 
 def make_executor(config: EngineConfig, model_path: str, tokenizer: object, device: str, log: Log) -> Executor:
     """Our paged executor where it runs the checkpoint (``executor`` auto or paged), else transformers'."""
@@ -71,6 +77,9 @@ def load_model(config: EngineConfig, model_path: str, log: Log = print, device: 
 
     if not os.path.isfile(os.path.join(model_path, "config.json")):
         raise FileNotFoundError(f"{model_path} is not a Hugging Face model directory (no config.json)")
+    from bucketserve.launcher import allocator
+
+    log(f"malloc: {allocator.describe()}")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     executor = on_passing_thread(make_executor, config, model_path, tokenizer, device or config.device, log)
     if faults:

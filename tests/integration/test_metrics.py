@@ -3,6 +3,7 @@ what happened (queues, buckets, N_max, padding, KV bytes against the budget, lat
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 from bucketserve.config import EngineConfig
@@ -68,3 +69,12 @@ def test_metrics_describe_a_mixed_run(server):
     assert 0 < server.metric("bucketserve_bucketing_time_share") < 0.5
     # the baselines report too, each for its own model
     assert server.metric("bucketserve_kv_cache_budget_bytes", model="bucketserve_fcfs_static") > 0
+
+
+def test_the_model_runs_under_tcmalloc_where_the_machine_has_it(server):
+    """`bucketserve serve` preloads it; tritonserver's Python stub inherits it and says so in its info labels."""
+    from bucketserve.launcher.allocator import find_tcmalloc
+
+    library = find_tcmalloc()
+    expected = os.path.basename(os.path.realpath(library)) if library else "glibc"
+    assert server.metric("bucketserve_model_info", malloc=expected) > 0

@@ -175,7 +175,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             def on_engine(specs_: list, times: list[float], on_finish: Callable[[int], None], config=config):
                 return run_real(real, config, specs_, times, on_finish)
             results["targets"][f"{policy} real"] = {
-                "url": f"inprocess://{checkpoint}/{policy}", "server": {**server, "executor": real.executor.info()},
+                "url": f"inprocess://{checkpoint}/{policy}", "server": {**server, "executor": real.info()},
                 **run_policy(f"{policy} real", on_engine, offline, specs, args, rates)}
     return report.merge([results])
 

@@ -149,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
     run_policy(model, replace(base, scheduler_policy="continuous"), jobs[:4])  # first forwards pay one-off costs
     results = [run_policy(model, replace(base, scheduler_policy=policy), jobs) for policy in args.policies.split(",")]
     environment = {**provenance.machine(), "model": {"path": model.path, "parameters": model.executor.num_parameters,
-                                                     **model.executor.info()},
+                                                     **model.info()},
                    "engine": {k: v for k, v in asdict(base).items() if k != "scheduler_policy"}}
     print(provenance.markdown({k: v for k, v in environment.items() if k != "engine"}))
     print(table(results))

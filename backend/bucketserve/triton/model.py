@@ -64,7 +64,7 @@ class TritonPythonModel:
             self.logger.log_warn(f"[bucketserve] test-only fault injection on: {faults}")
         info = lambda m: self.logger.log_info(f"[bucketserve] {m}")  # noqa: E731
         model = load_model(self.config, path, log=info, device=device, faults=faults)
-        self.metrics = EngineMetrics(model_config["name"], {**model.executor.info(), "checkpoint": path},
+        self.metrics = EngineMetrics(model_config["name"], {**model.info(), "checkpoint": path},
                                      model.executor.num_parameters)
         self.engine = build_engine(self.config, model, lambda outputs: self.responses.put(outputs), log=info,
                                    log_error=self.logger.log_error)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Part of `make setup`, best effort: Debian's (or Ubuntu's) libtcmalloc-minimal4, which the `bucketserve`
+# commands preload (README: Memory allocator). Without it everything runs on glibc's malloc, slower; setup goes on.
+set -uo pipefail
+PKG=libtcmalloc-minimal4
+if ldconfig -p 2>/dev/null | grep -q "libtcmalloc_minimal.so.4 "; then
+  exit 0
+fi
+if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+  echo "[setup] tcmalloc not found: install $PKG (e.g. sudo apt-get install $PKG) for faster forwards" >&2
+  exit 0
+fi
+echo "[setup] installing $PKG from the distribution's packages" >&2
+export DEBIAN_FRONTEND=noninteractive
+if ! timeout 300 apt-get install -y -q --no-install-recommends "$PKG" >/dev/null 2>&1; then
+  timeout 300 apt-get update -q >/dev/null 2>&1
+  timeout 300 apt-get install -y -q --no-install-recommends "$PKG" >/dev/null 2>&1 \
+    || echo "[setup] could not install $PKG: running on glibc's malloc" >&2
+fi
