@@ -201,6 +201,7 @@ def test_a_policy_that_keeps_its_buckets_and_ranks_decides_as_one_that_starts_ov
     kept, fresh = BucketPolicy(L_MAX, rule, max_queue_delay_ms=10), BucketPolicy(L_MAX, rule, max_queue_delay_ms=10)
     kv = KVBudget(bytes_per_token=1, budget_bytes=budget)
     waiting: list[Request] = []
+    left: list[Request] | None = []
     now, version = 0.0, 0
     rng = random.Random(len(steps))
     for arrivals, drops, gap, slots in steps:
@@ -208,14 +209,67 @@ def test_a_policy_that_keeps_its_buckets_and_ranks_decides_as_one_that_starts_ov
         if arrivals:
             waiting += [req(n, m, p, s, at=now) for n, m, p, s in arrivals]
             version += 1
+            left = None
         for _ in range(min(drops, len(waiting))):
-            waiting.pop(rng.randrange(len(waiting)))
+            dropped = waiting.pop(rng.randrange(len(waiting)))
+            left = None if left is None else [*left, dropped]
             version += 1
-        ctx = StepContext(now, [], slots, 4096, kv, 64, packed=True, waiting_version=version)
+        ctx = StepContext(now, [], slots, 4096, kv, 64, packed=True, waiting_version=version, left=left)
         batch = kept.select(waiting, ctx)
-        assert batch == fresh.select(waiting, replace(ctx, waiting_version=-1))
+        assert batch == fresh.select(waiting, replace(ctx, waiting_version=-1, left=None))
         assert kept.manager.bounds == fresh.manager.bounds
+        left = list(batch)
         if batch:
             taken = set(map(id, batch))
             waiting = [r for r in waiting if id(r) not in taken]
             version += 1
+
+
+class StartingOver(BucketPolicy):
+    """The bucket policy deriving everything from the queue at every decision: the reference."""
+
+    def select(self, waiting, ctx):
+        return super().select(waiting, replace(ctx, waiting_version=-1, left=None))
+
+
+@settings(max_examples=60, deadline=None)
+@given(rule=rules, budget=st.integers(20_000, 400_000), seed=st.integers(0, 10_000))
+def test_the_schedulers_views_and_decisions_match_a_queue_recounted_every_time(rule, budget, seed):
+    """The scheduler tells its policy which requests left since its last decision and keeps its per-step views
+    (requests waiting per bucket, per priority) from those changes; each must equal counting the queue."""
+    rng = random.Random(seed)
+    kept = Scheduler(BucketPolicy(L_MAX, rule, max_queue_delay_ms=10), KVBudget(1, budget), 4096, L_MAX, 48)
+    fresh = Scheduler(StartingOver(L_MAX, rule, max_queue_delay_ms=10), KVBudget(1, budget), 4096, L_MAX, 48)
+    ops = rng.choices(["arrive", "decide", "drop", "remove", "retire", "clear"], [8, 10, 1, 1, 6, 0.2], k=200)
+    now, next_id = 0.0, 0
+    for op in ops:
+        now += rng.random() * 0.02
+        if op == "arrive":
+            for _ in range(rng.randint(1, 20)):
+                length, out, priority = rng.randint(1, L_MAX - 17), rng.randint(1, 64), rng.randint(0, 1)
+                for s in (kept, fresh):
+                    s.add(Request("p", [0] * length, SamplingParams(max_tokens=out), priority=priority, id=next_id,
+                                  arrival_time=now))
+                next_id += 1
+        elif op == "decide":
+            assert [r.id for r in kept.next_prefill(now)] == [r.id for r in fresh.next_prefill(now)]
+        elif op in ("drop", "remove") and kept.waiting:
+            ids = {r.id for r in rng.sample(kept.waiting, min(rng.randint(1, 5), len(kept.waiting)))}
+            for s in (kept, fresh):
+                if op == "drop":
+                    s.drop_waiting(ids)
+                else:
+                    s.remove_waiting(min(ids))
+        elif op == "clear":  # a failed step empties both queues
+            for s in (kept, fresh):
+                s.clear()
+        elif op == "retire" and kept.running:
+            done = {r.id: FinishReason.LENGTH for r in rng.sample(kept.running, rng.randint(1, len(kept.running)))}
+            for s in (kept, fresh):
+                s.retire(done, now)
+        online = sum(r.priority == 0 for r in kept.waiting)
+        assert kept.waiting_by_priority() == (online, len(kept.waiting) - online)
+        waiting = {r.id for r in kept.waiting}
+        counted = tuple((b.low, b.up, sum(r.id in waiting for r in b.requests))
+                        for b in kept.policy.buckets) or ((0, L_MAX, len(kept.waiting)),)
+        assert tuple((v.low, v.up, v.requests) for v in kept.buckets()) == counted

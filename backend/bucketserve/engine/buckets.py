@@ -57,6 +57,8 @@ class BucketManager:
         self.bounds = [0, max_len]
         self.splits = 0
         self.merges = 0
+        self._settled: dict[int, Bucket] = {}
+        """The buckets the last refit returned, by identity: handed back unchanged, none of them splits."""
 
     def _assign(self, waiting: Sequence[Request]) -> list[Bucket]:
         buckets = [Bucket(low, up) for low, up in zip(self.bounds, self.bounds[1:])]
@@ -66,23 +68,32 @@ class BucketManager:
             buckets[bisect.bisect_right(lows, length) - 1].requests.append(request)
         return buckets
 
-    def update(self, waiting: Sequence[Request], batch_limit: BatchLimit) -> list[Bucket]:
-        """Sort ``waiting`` (in its order) into buckets, merge or split them; return the buckets."""
-        return self.refit(self._assign(waiting), waiting, batch_limit)
+    def update(self, waiting: Sequence[Request], batch_limit: BatchLimit, most: int | None = None) -> list[Bucket]:
+        """Sort ``waiting`` (in its order) into buckets, merge or split them; return the buckets. ``most``: no
+        ``batch_limit`` exceeds it (limits that cannot decide a rule are then not computed)."""
+        return self.refit(self._assign(waiting), waiting, batch_limit, most)
 
-    def refit(self, buckets: list[Bucket], waiting: Sequence[Request], batch_limit: BatchLimit) -> list[Bucket]:
+    def refit(self, buckets: list[Bucket], waiting: Sequence[Request], batch_limit: BatchLimit,
+              most: int | None = None) -> list[Bucket]:
         """Merge or split ``buckets``, which hold ``waiting`` in the current bounds (the last buckets with the
-        requests that left taken out, when only some left: no need to sort the queue again)."""
-        if len(buckets) > 1 and len(waiting) < self.rules.merge_ratio * batch_limit(Bucket(0, self.max_len, list(waiting))):
+        requests that left taken out, when only some left: no need to sort the queue again). Buckets that
+        neither merge nor split come back as the same objects."""
+        few = most is None or len(waiting) < self.rules.merge_ratio * most
+        if (len(buckets) > 1 and few
+                and len(waiting) < self.rules.merge_ratio * batch_limit(Bucket(0, self.max_len, list(waiting)))):
             self.bounds = [0, self.max_len]
             self.merges += 1
             buckets = self._assign(waiting)
-        split = [child for bucket in buckets for child in self._split(bucket, batch_limit)]
+        split = [child for bucket in buckets for child in self._split(bucket, batch_limit, most)]
         self.bounds = [b.low for b in split] + [self.max_len]
+        self._settled = {id(b): b for b in split}
         return split
 
-    def _split(self, bucket: Bucket, batch_limit: BatchLimit) -> list[Bucket]:
-        if len(bucket.requests) <= batch_limit(bucket) or bucket.up - bucket.low < 2 * self.rules.min_width:
+    def _split(self, bucket: Bucket, batch_limit: BatchLimit, most: int | None) -> list[Bucket]:
+        if self._settled.get(id(bucket)) is bucket or bucket.up - bucket.low < 2 * self.rules.min_width:
+            return [bucket]
+        crowded = most is not None and len(bucket.requests) > most
+        if not crowded and len(bucket.requests) <= batch_limit(bucket):
             return [bucket]
         mid = (bucket.low + bucket.up) // 2
         lower = [r for r in bucket.requests if r.prompt_len < mid]
@@ -90,5 +101,6 @@ class BucketManager:
         share = len(lower) / len(bucket.requests)
         if share > self.rules.theta or (self.rules.symmetric_split and 1 - share > self.rules.theta):
             self.splits += 1
-            return self._split(Bucket(bucket.low, mid, lower), batch_limit) + self._split(Bucket(mid, bucket.up, upper), batch_limit)
+            return (self._split(Bucket(bucket.low, mid, lower), batch_limit, most)
+                    + self._split(Bucket(mid, bucket.up, upper), batch_limit, most))
         return [bucket]

@@ -13,6 +13,7 @@ at the first request that does not fit, so nobody is overtaken by a smaller requ
 
 from __future__ import annotations
 
+import bisect
 import math
 import operator
 from dataclasses import dataclass
@@ -37,6 +38,9 @@ class StepContext:
     """Prefill runs packed (its cost is the prompts' tokens), not padded (batch size x longest prompt)."""
     waiting_version: int = -1
     """Changes whenever the waiting set does (-1: unknown), so a policy may keep what it derived from it."""
+    left: Sequence[Request] | None = None
+    """The requests that left the waiting set since the policy's last decision, when none arrived (None:
+    unknown, or some arrived): a policy may take them out of what it derived instead of starting over."""
 
 
 class AdmissionPolicy(Protocol):
@@ -138,34 +142,39 @@ class BucketPolicy:
         self.max_queue_delay_s = max_queue_delay_ms / 1000
         self.buckets: list[Bucket] = []
         self._ctx: StepContext | None = None
-        self._limits: dict[tuple[int, int], int] = {}
-        """batch_limit of each bucket range while the buckets stand (each is read several times a decision)."""
+        self._limits: dict[int, tuple[Bucket, int]] = {}
+        """batch_limit of each bucket, by identity (a bucket's requests never change: one that loses some is
+        replaced), kept while the bucket stands."""
+        self._limits_from: tuple[int, int] = (0, 0)
         self._version = -1
         self._ranked: list[tuple[tuple, Bucket, list[Request], float]] = []
         """Buckets by their top request's rank: (its rank, the bucket, its requests in rank order, oldest arrival)."""
         self._ranked_until = -math.inf
         self._keys: dict[int, tuple] = {}
         """Each ranked request's rank, by id, valid until _ranked_until."""
-        self._members: set[int] = set()
-        """Ids of the waiting set the buckets were last formed from."""
 
     def batch_limit(self, bucket: Bucket) -> int:
         """The bucket's N_max: how many of its longest requests (its upper bound plus the largest
         max_tokens among them) the KV budget holds, within max_num_seqs; at least 1."""
         assert self._ctx is not None
-        key = (bucket.low, bucket.up)  # one decision's buckets: a range holds the same requests all along
-        if key not in self._limits:
-            out = max(map(MAX_TOKENS, bucket.requests), default=0)
-            self._limits[key] = max(1, min(self._ctx.max_num_seqs, self._ctx.budget.seqs_that_fit(bucket.up - 1 + out)))
-        return self._limits[key]
+        known = self._limits.get(id(bucket))
+        if known is not None and known[0] is bucket:
+            return known[1]
+        out = max(map(MAX_TOKENS, bucket.requests), default=0)
+        limit = max(1, min(self._ctx.max_num_seqs, self._ctx.budget.seqs_that_fit(bucket.up - 1 + out)))
+        self._limits[id(bucket)] = (bucket, limit)
+        return limit
 
     def select(self, waiting: Sequence[Request], ctx: StepContext) -> list[Request]:
         self._ctx = ctx
-        if ctx.waiting_version < 0 or ctx.waiting_version != self._version:
+        limits = (id(ctx.budget), ctx.max_num_seqs)  # what batch_limit depends on besides a bucket's requests
+        if ctx.waiting_version < 0 or ctx.waiting_version != self._version or limits != self._limits_from:
             # bucketing is idempotent: the same waiting set gives the same buckets, so redo it only on change
-            self._limits.clear()
-            if not (ctx.waiting_version >= 0 and self._shrink(waiting, ctx.now)):
-                self.buckets = self.manager.update(waiting, self.batch_limit)
+            incremental = ctx.waiting_version >= 0 and ctx.left is not None and limits == self._limits_from
+            self._limits_from = limits
+            if not (incremental and self._shrink(ctx.left, waiting, ctx)):
+                self._limits.clear()
+                self.buckets = self.manager.update(waiting, self.batch_limit, self._most(ctx))
                 self._ranked_until = -math.inf
             self._version = ctx.waiting_version
         if ctx.now >= self._ranked_until:
@@ -182,28 +191,44 @@ class BucketPolicy:
                 return batch
         return []
 
-    def _shrink(self, waiting: Sequence[Request], now: float) -> bool:
-        """When requests only left the queue (a batch was taken, some expired), take them out of the last
-        buckets and rank orders instead of sorting the queue again; the result is the same. False: it
-        cannot (an arrival, or the buckets merged), and the caller starts over."""
-        ids = set(map(ID, waiting))
-        if not ids < self._members:
+    @staticmethod
+    def _most(ctx: StepContext) -> int:
+        """No bucket's batch_limit exceeds this: the bucket manager skips computing limits it cannot reach."""
+        return max(1, ctx.max_num_seqs)
+
+    def _shrink(self, left: Sequence[Request], waiting: Sequence[Request], ctx: StepContext) -> bool:
+        """When requests only left the queue (a batch was taken, some expired), take them out of the buckets
+        they were in and out of those buckets' rank orders, keeping every other bucket as it was, instead of
+        sorting the queue again; the result is the same. False: it cannot (no buckets yet), and the caller
+        starts over."""
+        if not self.buckets:
             return False
+        gone = set(map(ID, left))
+        lows = [b.low for b in self.buckets]
+        last = self.manager.max_len - 1
+        kept = list(self.buckets)
+        for i in {bisect.bisect_right(lows, min(r.prompt_len, last)) - 1 for r in left}:
+            b = kept[i]
+            kept[i] = Bucket(b.low, b.up, [r for r in b.requests if r.id not in gone])
         merges = self.manager.merges
-        kept = [Bucket(b.low, b.up, [r for r in b.requests if r.id in ids]) for b in self.buckets]
-        self.buckets = self.manager.refit(kept, waiting, self.batch_limit)
-        self._members = ids
-        if self.manager.merges != merges or now >= self._ranked_until:
+        self.buckets = self.manager.refit(kept, waiting, self.batch_limit, self._most(ctx))
+        current = {id(b) for b in self.buckets}
+        self._limits = {k: v for k, v in self._limits.items() if k in current}
+        if self.manager.merges != merges or ctx.now >= self._ranked_until:
             self._ranked_until = -math.inf
             return True
-        orders = [(bucket, order) for _, bucket, order, _ in self._ranked]
+        standing = {id(entry[1]): entry for entry in self._ranked}
         ranked = []
         for bucket in self.buckets:
-            if bucket.requests:
-                parent = next(order for old, order in orders if old.low <= bucket.low and bucket.up <= old.up)
+            if not bucket.requests:
+                continue
+            entry = standing.get(id(bucket))
+            if entry is None:  # lost requests or split off: its order is its parent's, less those gone
+                parent = next(order for _, old, order, _ in self._ranked if old.low <= bucket.low and bucket.up <= old.up)
                 members = set(map(ID, bucket.requests))
                 order = [r for r in parent if r.id in members]
-                ranked.append((self._keys[order[0].id], bucket, order, min(map(ARRIVAL, bucket.requests))))
+                entry = (self._keys[order[0].id], bucket, order, min(map(ARRIVAL, bucket.requests)))
+            ranked.append(entry)
         ranked.sort(key=lambda item: item[0])
         self._ranked = ranked
         return True
@@ -213,7 +238,6 @@ class BucketPolicy:
         (a request turns urgent or ages a class), so a long queue is not sorted again every step."""
         ranked = []
         self._keys = {r.id: self.ordering.rank(r, now) for b in self.buckets for r in b.requests}
-        self._members = set(self._keys)
         for bucket in self.buckets:
             if bucket.requests:
                 order = sorted(bucket.requests, key=lambda r: self._keys[r.id])
