@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[triton,test]"
-	scripts/install-tcmalloc.sh
+	scripts/install-tcmalloc.sh $(BIN)/python
 	touch $(STAMP)
 
 # extra flags: make serve ARGS="--openai-port 9000"

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Part of `make setup`, best effort: Debian's (or Ubuntu's) libtcmalloc-minimal4, which the `bucketserve`
 # commands preload (README: Memory allocator). Without it everything runs on glibc's malloc, slower; setup goes on.
+# $1: the environment's python, whose bucketserve finds the library the same way the commands will
 set -uo pipefail
 PKG=libtcmalloc-minimal4
-if ldconfig -p 2>/dev/null | grep -q "libtcmalloc_minimal.so.4 "; then
+if "$1" -c "from bucketserve.launcher.allocator import find_tcmalloc as f; raise SystemExit(f() is None)"; then
   exit 0
 fi
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
