@@ -145,7 +145,9 @@ class BucketPolicy:
         self._limits: dict[int, tuple[Bucket, int]] = {}
         """batch_limit of each bucket, by identity (a bucket's requests never change: one that loses some is
         replaced), kept while the bucket stands."""
-        self._limits_from: tuple[int, int] = (0, 0)
+        self._limit_inputs: tuple[int, int] = (0, 0)
+        """What batch_limit depends on besides a bucket's requests (the budget, max_num_seqs); the cached limits
+        and buckets hold only while it stays the same."""
         self._version = -1
         self._ranked: list[tuple[tuple, Bucket, list[Request], float]] = []
         """Buckets by their top request's rank: (its rank, the bucket, its requests in rank order, oldest arrival)."""
@@ -167,11 +169,12 @@ class BucketPolicy:
 
     def select(self, waiting: Sequence[Request], ctx: StepContext) -> list[Request]:
         self._ctx = ctx
-        limits = (id(ctx.budget), ctx.max_num_seqs)  # what batch_limit depends on besides a bucket's requests
-        if ctx.waiting_version < 0 or ctx.waiting_version != self._version or limits != self._limits_from:
+        inputs = (id(ctx.budget), ctx.max_num_seqs)
+        same_inputs = inputs == self._limit_inputs
+        if ctx.waiting_version < 0 or ctx.waiting_version != self._version or not same_inputs:
             # bucketing is idempotent: the same waiting set gives the same buckets, so redo it only on change
-            incremental = ctx.waiting_version >= 0 and ctx.left is not None and limits == self._limits_from
-            self._limits_from = limits
+            incremental = ctx.waiting_version >= 0 and ctx.left is not None and same_inputs
+            self._limit_inputs = inputs
             if not (incremental and self._shrink(ctx.left, waiting, ctx)):
                 self._limits.clear()
                 self.buckets = self.manager.update(waiting, self.batch_limit, self._most(ctx))
