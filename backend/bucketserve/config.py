@@ -52,9 +52,9 @@ class EngineConfig:
     pages are read in longer runs (vLLM's CPU backend uses 128): against 16, decode attention took 15% less time
     and the default model's peers workload ran 6-9% faster in process."""
     attention_kernel: str = "auto"
-    """Paged executor's CPU kernels (decode attention; in float32 also RMSNorm with the residual add, silu x up
-    and RoPE, fused): `auto` (on the CPU our C++ kernels, built on first use, else torch ops), `cpp` (the
-    kernels, or the load fails), `torch` (torch ops everywhere)."""
+    """Paged executor's CPU kernels (decode attention; prefill attention for head sizes 64 and 128; in float32
+    also RMSNorm with the residual add, silu x up and RoPE, fused): `auto` (on the CPU our C++ kernels, built
+    on first use, else torch ops), `cpp` (the kernels, or the load fails), `torch` (torch ops everywhere)."""
     max_num_seqs: int = 128
     """Most sequences in the running (decode) set at once (vLLM's CPU server default; the KV budget may allow
     fewer, N_max)."""

@@ -89,6 +89,29 @@ def test_written_keys_land_in_their_pages_and_packed_prefill_stays_within_each_s
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(4, 4, 64), (8, 2, 64), (4, 2, 128)])
+def test_prefill_kernel_equals_causal_sdpa_over_each_sequence_alone(heads, kv_heads, dim, dtype):
+    """As the executor calls it: q, k and v are strided views of one fused projection, the batch's prompts
+    packed back to back (lengths around the kernel's blocks of 64 positions), then rows of padding."""
+    kernel = cpu_kernels(log=print)
+    assert kernel is not None, "the CPU kernels did not build"
+    torch.manual_seed(3)
+    lengths, padding = [1, 2, 63, 64, 65, 130, 7], 5
+    tokens = sum(lengths) + padding
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, dtype=dtype)
+    q, k, v = (t.view(tokens, -1, dim) for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1))
+    got = prefill_attention(q, k, v, lengths, dim ** -0.5, kernel)
+    assert got.shape == q.shape and not got[-padding:].any()
+    start = 0
+    for n in lengths:
+        qs, ks, vs = (t[None, start:start + n].transpose(1, 2).float() for t in (q, k, v))
+        want = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+        torch.testing.assert_close(got[start:start + n].float(), want,
+                                   **({} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}))
+        start += n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kv_write_kernel_stores_what_index_copy_stores(dtype):
     """Keys and values as the executor passes them: strided views into the fused qkv projection's output."""
     kernel = cpu_kernels(log=print)

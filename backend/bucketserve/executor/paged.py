@@ -17,7 +17,8 @@ import torch
 from bucketserve.engine.executor import StepOutput
 from bucketserve.engine.memory import KVCostModel
 from bucketserve.engine.request import Request
-from bucketserve.executor.attention import DecodeLayout, decode_attention, prefill_attention
+from bucketserve.executor.attention import (PREFILL_KERNEL_DTYPES, PREFILL_KERNEL_HEAD_SIZES, DecodeLayout,
+                                            decode_attention, prefill_attention)
 from bucketserve.executor.base import ExecutorBase, eos_ids_of
 from bucketserve.executor.device import pick_device, pick_dtype
 from bucketserve.executor.kernels import cpu_kernels
@@ -58,10 +59,16 @@ class PagedExecutor(ExecutorBase):
         """The running set, in the order ``decode`` returns tokens."""
         matmuls = "oneDNN prepacked" if self.onednn else "F.linear"
         attention = "compiled CPU kernel" if self.kernel is not None else "torch ops"
+        prefill = "compiled CPU kernel" if self._prefill_kernel() else "torch SDPA"
         elementwise = "fused CPU kernels" if self.model.kernels is not None else "torch ops"
         log(f"loaded {config.model_type} ({self.model.num_parameters / 1e6:.1f}M parameters, {chosen}) on "
             f"{self.device} with {torch.get_num_threads()} threads: paged executor (pages of {page_size}, "
-            f"{matmuls} matmuls, decode attention on {attention}, elementwise steps on {elementwise})")
+            f"{matmuls} matmuls, decode attention on {attention}, prefill attention on {prefill}, elementwise "
+            f"steps on {elementwise})")
+
+    def _prefill_kernel(self) -> bool:
+        return (self.kernel is not None and self.model.dtype in PREFILL_KERNEL_DTYPES
+                and self.model.head_dim in PREFILL_KERNEL_HEAD_SIZES)
 
     @property
     def num_parameters(self) -> int:
@@ -70,7 +77,8 @@ class PagedExecutor(ExecutorBase):
     def info(self) -> dict[str, str]:
         return {"executor": "paged", "dtype": str(self.model.dtype).removeprefix("torch."), "device": str(self.device),
                 "matmuls": "onednn" if self.onednn else "torch", "kv_page_size": str(self.page_size),
-                "decode_attention": "cpp" if self.kernel is not None else "torch"}
+                "decode_attention": "cpp" if self.kernel is not None else "torch",
+                "prefill_attention": "cpp" if self._prefill_kernel() else "sdpa"}
 
     def kv_cost(self) -> KVCostModel:
         m = self.model
@@ -135,7 +143,7 @@ class PagedExecutor(ExecutorBase):
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             pool.write(layer, slots, k[:total], v[:total])
-            return prefill_attention(q, k, v, lengths, scale)
+            return prefill_attention(q, k, v, lengths, scale, self.kernel)
 
         hidden = self.model.forward(ids, positions, max(lengths), attend)
         last = torch.tensor(lengths, device=dev).cumsum(0) - 1
