@@ -60,12 +60,14 @@ class BucketManager:
         self._settled: dict[int, Bucket] = {}
         """The buckets the last refit returned, by identity: handed back unchanged, none of them splits."""
 
+    def index(self, request: Request) -> int:
+        """Which of the current buckets (those the last update or refit returned) holds ``request``."""
+        return bisect.bisect_right(self.bounds, min(request.prompt_len, self.max_len - 1)) - 1
+
     def _assign(self, waiting: Sequence[Request]) -> list[Bucket]:
         buckets = [Bucket(low, up) for low, up in zip(self.bounds, self.bounds[1:])]
-        lows = self.bounds[:-1]
         for request in waiting:
-            length = min(request.prompt_len, self.max_len - 1)
-            buckets[bisect.bisect_right(lows, length) - 1].requests.append(request)
+            buckets[self.index(request)].requests.append(request)
         return buckets
 
     def update(self, waiting: Sequence[Request], batch_limit: BatchLimit, most: int | None = None) -> list[Bucket]:

@@ -13,7 +13,6 @@ at the first request that does not fit, so nobody is overtaken by a smaller requ
 
 from __future__ import annotations
 
-import bisect
 import math
 import operator
 from dataclasses import dataclass
@@ -207,10 +206,8 @@ class BucketPolicy:
         if not self.buckets:
             return False
         gone = set(map(ID, left))
-        lows = [b.low for b in self.buckets]
-        last = self.manager.max_len - 1
         kept = list(self.buckets)
-        for i in {bisect.bisect_right(lows, min(r.prompt_len, last)) - 1 for r in left}:
+        for i in set(map(self.manager.index, left)):
             b = kept[i]
             kept[i] = Bucket(b.low, b.up, [r for r in b.requests if r.id not in gone])
         merges = self.manager.merges

@@ -5,7 +5,6 @@ in place and never replaced by new objects."""
 
 from __future__ import annotations
 
-import bisect
 import collections
 import heapq
 import itertools
@@ -90,9 +89,7 @@ class Scheduler:
             return tuple(BucketView(b.low, b.up, sum(map(waiting.__contains__, map(id, b.requests))),
                                     self.policy.batch_limit(b)) for b in buckets)
         # each bucket held the whole waiting set at the last decision: less those that left since
-        lows, last = [b.low for b in buckets], self.policy.manager.max_len - 1
-        left = collections.Counter(bisect.bisect_right(lows, min(r.prompt_len, last)) - 1
-                                   for r in self._gone if r.id not in self._new)
+        left = collections.Counter(map(self.policy.manager.index, (r for r in self._gone if r.id not in self._new)))
         return tuple(BucketView(b.low, b.up, len(b.requests) - left[i], self.policy.batch_limit(b))
                      for i, b in enumerate(buckets))
 
