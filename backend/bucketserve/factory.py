@@ -14,6 +14,7 @@ from bucketserve.engine.engine import Engine, OnOutput
 from bucketserve.engine.scheduler import build_scheduler
 from bucketserve.engine.tokenizer import PromptTokenizer
 from bucketserve.engine.executor import Executor
+from bucketserve.launcher import allocator
 
 Log = Callable[[str], None]
 T = TypeVar("T")
@@ -41,8 +42,6 @@ class LoadedModel:
 
     def info(self) -> dict[str, str]:
         """What the model runs on, for metrics labels and reports: the executor's facts and the malloc."""
-        from bucketserve.launcher import allocator
-
         return {**self.executor.info(), "malloc": allocator.name()}
 
 
@@ -77,8 +76,6 @@ def load_model(config: EngineConfig, model_path: str, log: Log = print, device: 
 
     if not os.path.isfile(os.path.join(model_path, "config.json")):
         raise FileNotFoundError(f"{model_path} is not a Hugging Face model directory (no config.json)")
-    from bucketserve.launcher import allocator
-
     log(f"malloc: {allocator.describe()}")
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     executor = on_passing_thread(make_executor, config, model_path, tokenizer, device or config.device, log)

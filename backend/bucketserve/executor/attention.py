@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 
-PREFILL_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-PREFILL_KERNEL_HEAD_SIZES = (64, 128)
+def prefill_kernel_covers(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the compiled prefill kernel runs this dtype and head size (else: SDPA per sequence)."""
+    return dtype in (torch.float32, torch.bfloat16) and head_dim in (64, 128)
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], scale: float,
@@ -33,7 +34,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths
     """``q`` ``[tokens, heads, dim]``, ``k``/``v`` ``[tokens, kv_heads, dim]`` of sequences packed back to back;
     returns ``[tokens, heads, dim]``, each sequence attending causally to itself only. Rows past the last
     sequence (padding) come out zero. ``kernel``: the compiled CPU kernels, used where they cover the shape."""
-    if kernel is not None and q.dtype in PREFILL_KERNEL_DTYPES and q.shape[-1] in PREFILL_KERNEL_HEAD_SIZES:
+    if kernel is not None and prefill_kernel_covers(q.dtype, q.shape[-1]):
         return kernel.prefill_attention(q, k, v, lengths, scale)
     out = torch.empty_like(q) if q.shape[0] == sum(lengths) else torch.zeros_like(q)
     gqa = q.shape[1] != k.shape[1]

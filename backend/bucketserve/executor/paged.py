@@ -17,8 +17,7 @@ import torch
 from bucketserve.engine.executor import StepOutput
 from bucketserve.engine.memory import KVCostModel
 from bucketserve.engine.request import Request
-from bucketserve.executor.attention import (PREFILL_KERNEL_DTYPES, PREFILL_KERNEL_HEAD_SIZES, DecodeLayout,
-                                            decode_attention, prefill_attention)
+from bucketserve.executor.attention import DecodeLayout, decode_attention, prefill_attention, prefill_kernel_covers
 from bucketserve.executor.base import ExecutorBase, eos_ids_of
 from bucketserve.executor.device import pick_device, pick_dtype
 from bucketserve.executor.kernels import cpu_kernels
@@ -67,8 +66,7 @@ class PagedExecutor(ExecutorBase):
             f"steps on {elementwise})")
 
     def _prefill_kernel(self) -> bool:
-        return (self.kernel is not None and self.model.dtype in PREFILL_KERNEL_DTYPES
-                and self.model.head_dim in PREFILL_KERNEL_HEAD_SIZES)
+        return self.kernel is not None and prefill_kernel_covers(self.model.dtype, self.model.head_dim)
 
     @property
     def num_parameters(self) -> int:

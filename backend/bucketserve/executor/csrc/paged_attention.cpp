@@ -5,7 +5,6 @@
 // ATen's headers only, not torch/extension.h (module.cpp binds the functions to Python):
 // each file then compiles in a fraction of the time
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
