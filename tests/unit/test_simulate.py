@@ -39,6 +39,16 @@ def test_decode_is_memory_bound_and_prefill_compute_bound():
     assert cost.prefill_s([2000]) / cost.prefill_s([1000]) > 1.8
 
 
+def test_a_cpu_matmul_adds_its_compute_and_its_weight_read():
+    """GPUs overlap the two (the roofline: the longer); the calibrated CPU profile adds them."""
+    gpu = CostModel(replace(A100, matmul_overlap=1.0), LLAMA_7B)
+    cpu = CostModel(replace(A100, matmul_overlap=0.0), LLAMA_7B)
+    params = 10**8
+    compute, read = 2 * 64 * params / A100.matmul_flops, params * 2 / A100.mem_bw
+    assert gpu.matmul_s(64, params) == pytest.approx(max(compute, read))
+    assert cpu.matmul_s(64, params) == pytest.approx(compute + read)
+
+
 def test_padding_and_tensor_parallelism_cost_what_they_should():
     cost = CostModel(A100, LLAMA_7B)
     assert cost.prefill_s([50, 1500], padded=True) > 1.5 * cost.prefill_s([50, 1500])
@@ -208,6 +218,22 @@ def test_the_cpu_profile_simulates_the_default_model_unless_told_otherwise(model
     assert bucketserve(["simulate", "--hardware", "cpu", "--workload", "peers", "--num-requests", "8",
                         "--policies", "continuous", "--out", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["environment"]["simulated"]["model"] == str(model_dir)
+
+
+def test_validate_repeats_the_real_run_and_reports_its_spread(model_dir, tmp_path, monkeypatch, capsys):
+    from bucketserve.sim import cli
+
+    monkeypatch.setattr(cli, "_checkpoint", lambda model: str(model_dir) if model is None else model)
+    out = tmp_path / "v"
+    assert bucketserve(["simulate", "validate", "--workload", "peers", "--num-requests", "4", "--policies",
+                        "continuous", "--repeats", "3", "--out", str(out)]) == 0
+    real = json.loads((out / "results.json").read_text())["targets"]["continuous real"]
+    runs = [r["output_tokens_per_s"] for r in real["offline_runs"]]
+    assert len(runs) == 3 and runs == sorted(runs)
+    assert real["offline"]["summary"]["output_tokens_per_s"] == runs[1]  # the median run is the one compared
+    table = capsys.readouterr().out.split("Simulated against the real engine")[1]
+    assert "| continuous | offline output tok/s |" in table and f"{runs[0]:,.1f}-{runs[2]:,.1f}" in table
+    assert bucketserve(["simulate", "validate", "--repeats", "0", "--num-requests", "4"]) == 2
 
 
 def test_fit_recovers_the_efficiencies_behind_vidur_style_operator_times(tmp_path, capsys):

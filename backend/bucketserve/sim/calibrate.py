@@ -1,7 +1,7 @@
 """``bucketserve simulate calibrate``: a hardware profile of this machine, from the real executor.
 
-Operators first (as Vidur profiles them): the model's own matmuls at one row (memory-bound: the weight
-read rate) and at many (compute-bound: FLOP/s), and prefill attention over one long prompt. Then whole
+Operators first (as Vidur profiles them): the model's own matmuls from one row (the weight read rate) to
+many (FLOP/s), and prefill attention over one long prompt. Then whole
 prefill and decode steps of the real executor over a grid of shapes; what the operators do not explain
 (a fixed cost per forward, a cost per row, the elementwise steps, the decode attention's read of cached keys
 and values) is fitted to them by least squares. Last, whole offline runs of the engine give what it adds to
@@ -53,32 +53,42 @@ def nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         active = [i for i in active if i not in negative]
 
 
+MATMUL_ROWS = (1, 8, 32, 64, 128, 256, 512)
+"""Row counts the model's matmuls are timed at: from one decode row (the weight read) to a large prefill."""
+
+
 def _operators(executor: Any, shape: ModelShape, dtype_bytes: int) -> tuple[float, float, float]:
-    """(matmul FLOP/s, weight bytes/s, attention FLOP/s) of the model's own layers."""
+    """(matmul FLOP/s, weight bytes/s, attention FLOP/s) of the model's own layers. A matmul's time here is
+    its compute plus its weight read (``Hardware.matmul_overlap`` 0), fitted by relative error to every
+    layer's matmuls and the lm_head run one after the other at each of ``MATMUL_ROWS``, as a step runs them:
+    one layer's weights alone would stay in cache and read faster than a step's do."""
     import torch
 
     from bucketserve.executor.attention import prefill_attention
 
     model = executor.model
-    layer = model.layers[0]
-    linears = [layer.qkv, layer.o, layer.gate_up, layer.down]
-    params = shape.layer_params
+    weights = shape.layers * shape.layer_params + shape.head_params
+    features, ones = [], []
     with torch.inference_mode():
-        big = torch.randn(512, shape.hidden, dtype=model.dtype)
-        wide = torch.randn(512, shape.intermediate, dtype=model.dtype)
+        big = torch.randn(max(MATMUL_ROWS), shape.hidden, dtype=model.dtype)
+        wide = torch.randn(max(MATMUL_ROWS), shape.intermediate, dtype=model.dtype)
 
         def run(rows: int) -> None:
-            for linear in linears:
-                linear((wide if linear is layer.down else big)[:rows])
+            for layer in model.layers:
+                for linear in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                    linear((wide if linear is layer.down else big)[:rows])
+            model.lm_head(big[:rows])
 
-        flops = 2 * 512 * params / best_of(lambda: run(512))
-        head_rows = big[:1]
-        read = (params + shape.head_params) * dtype_bytes / (best_of(lambda: run(1)) + best_of(lambda: model.lm_head(head_rows)))
+        for rows in MATMUL_ROWS:
+            seconds = best_of(lambda: run(rows))
+            features.append([2 * rows * weights / seconds, weights * dtype_bytes / seconds])
+            ones.append(1.0)
+        per_flop, per_byte = nonnegative_lstsq(np.array(features), np.array(ones))
         n = 1024
         q = torch.randn(n, shape.heads, shape.head_dim, dtype=model.dtype)
         kv = torch.randn(n, shape.kv_heads, shape.head_dim, dtype=model.dtype)
         attention = 2 * n * n * shape.heads * shape.head_dim / best_of(lambda: prefill_attention(q, kv, kv, [n], model.scale))
-    return flops, read, attention
+    return 1 / per_flop, 1 / per_byte, attention
 
 
 def _steps(executor: Any, vocab: int) -> tuple[list[tuple[str, list[int]]], list[float]]:
@@ -175,7 +185,7 @@ def calibrate(model_path: str, name: str, log: Callable[[str], None] = print) ->
     shapes, measured = on_passing_thread(_steps, executor, shape.vocab)
     bare = Hardware(name, flops, read, attention, act_bw=float("inf"),
                     memory_bytes=config.kv_cache_memory_fraction * available_ram(), step_overhead_s=0.0,
-                    row_overhead_s=0.0, kv_bw=float("inf"), dtype=dtype, source="")
+                    row_overhead_s=0.0, kv_bw=float("inf"), matmul_overlap=0.0, dtype=dtype, source="")
     cost = CostModel(bare, shape)
     unit = CostModel(replace(bare, act_bw=1.0), shape)
     rows, residual = [], []
@@ -183,8 +193,9 @@ def calibrate(model_path: str, name: str, log: Callable[[str], None] = print) ->
         predicted = cost.prefill_s(lengths) if kind == "prefill" else cost.decode_s(lengths)
         tokens = sum(lengths) if kind == "prefill" else len(lengths)
         kv_read = 0 if kind == "prefill" else sum(lengths) * shape.kv_bytes_per_token(dtype_bytes)
-        rows.append([1.0, len(lengths), unit.elementwise_s(tokens), kv_read])
-        residual.append(seconds - predicted)
+        # divided by the step's time: relative error, so a 200 ms prefill does not set the cost of a 3 ms decode
+        rows.append([x / seconds for x in (1.0, len(lengths), unit.elementwise_s(tokens), kv_read)])
+        residual.append(1 - predicted / seconds)
     overhead, per_row, per_byte, per_kv_byte = nonnegative_lstsq(np.array(rows), np.array(residual))
     hw = replace(bare, step_overhead_s=float(overhead), row_overhead_s=float(per_row),
                  act_bw=float(1 / per_byte) if per_byte > 0 else 1e15,

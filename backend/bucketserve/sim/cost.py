@@ -2,7 +2,7 @@
 
 Each matmul takes the longer of its compute (2 x rows x weights / FLOP/s) and its weight read (bytes /
 bandwidth), so decode at small batch is memory-bound and prefill compute-bound, as measured on real
-devices; a fixed time per layer adds what small kernels take to start and drain. Attention is causal FLOPs
+devices (on the CPU the two add up instead: ``Hardware.matmul_overlap``); a fixed time per layer adds what small kernels take to start and drain. Attention is causal FLOPs
 for a prefill and the cached keys and values read for a decode row (padding included, if the executor pads).
 With ``devices`` > 1 the model is split tensor-parallel: rates multiply, and each layer adds two all-reduces
 of the activations over the link.
@@ -34,7 +34,9 @@ class CostModel:
         if rows == 0:
             return 0.0
         n = self.devices
-        return max(2 * rows * params / (self.hw.matmul_flops * n), params * self.dtype_bytes / (self.hw.mem_bw * n))
+        compute = 2 * rows * params / (self.hw.matmul_flops * n)
+        read = params * self.dtype_bytes / (self.hw.mem_bw * n)
+        return compute + read - self.hw.matmul_overlap * min(compute, read)
 
     def fixed_s(self, rows: int) -> float:
         """What a forward pass costs whatever its size: per step, per row, and per layer (each device runs every
