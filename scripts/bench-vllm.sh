@@ -9,7 +9,9 @@ OUT=${OUT:-docs/bench/vs-vllm}
 VLLM_VENV=${VLLM_VENV:-.venv-vllm}
 VLLM_PORT=${VLLM_PORT:-8200}
 # on the CPU this is the share of RAM vLLM takes for its KV cache (its default, 0.92, fails on a busy machine)
-RATES=${RATES:-2,4,6,8,12,16}
+VLLM_MEMORY=${VLLM_MEMORY:-0.3}
+# offered rates of the SLO sweep (req/s); each target's sweep stops at the first rate under 80% attainment
+RATES=${RATES:-4,8,16,24,32,40,48}
 MODEL_DIR=${MODEL_DIR:-$("$BIN/python" -c "from bucketserve_client.defaults import default_model_dir as d; print(d())")}
 MAX_LEN=${MAX_LEN:-2048}
 # both servers compute in this dtype (float32 or bfloat16); ours also keeps its KV cache in it, as vLLM's "auto" does
@@ -50,7 +52,7 @@ echo "[bench-vllm] starting vLLM on 127.0.0.1:$VLLM_PORT (malloc: ${TCMALLOC:-gl
 LD_PRELOAD=${TCMALLOC}${LD_PRELOAD:+:$LD_PRELOAD} VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-0-$(($(nproc) - 1))} VLLM_CPU_NUM_OF_RESERVED_CPU=0 \
   "$VLLM_VENV/bin/python" -m vllm.entrypoints.openai.api_server --model "$MODEL_DIR" --host 127.0.0.1 \
   --port "$VLLM_PORT" --dtype "$DTYPE" --max-model-len "$MAX_LEN" --no-enable-prefix-caching \
-  --gpu-memory-utilization "${VLLM_MEMORY:-0.3}" \
+  --gpu-memory-utilization "$VLLM_MEMORY" \
   >"$TMP/vllm.log" 2>&1 &
 VLLM_PID=$!
 trap 'kill -TERM $VLLM_PID 2>/dev/null || true; wait $VLLM_PID 2>/dev/null || true; stop_server' EXIT
