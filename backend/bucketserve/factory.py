@@ -89,12 +89,14 @@ def build_engine(config: EngineConfig, model: LoadedModel, on_output: OnOutput, 
     """An engine (not started) over ``model`` with the scheduler, KV budget and limits ``config`` names.
     ``log`` takes what it set up; ``log_error`` (default ``log``) the engine's failures."""
     executor = model.executor
+    config = config.on_device(executor.info()["device"])
     max_len = config.max_model_len or executor.max_position_embeddings
     free = executor.free_device_memory(config.max_prefill_tokens, max_len)
     scheduler = build_scheduler(config, executor.kv_cost().bytes_per_token, free, max_len, executor.page_size)
     budget = scheduler.budget
     on_passing_thread(executor.allocate, budget.budget_bytes)
     log(f"policy {config.scheduler_policy}; KV budget {budget.budget_bytes / 2**20:.0f} MiB "
-        f"({budget.bytes_per_token} bytes per token), N_max {scheduler.n_max()} at {max_len} tokens")
+        f"({budget.bytes_per_token} bytes per token), N_max {scheduler.n_max()} at {max_len} tokens; prefill "
+        f"batches of up to {config.max_prefill_tokens} tokens")
     return Engine(executor, scheduler, model.tokenizer, on_output, log=log_error or log, max_queue_size=config.max_queue_size,
                   slo_expiry=config.slo_expiry)

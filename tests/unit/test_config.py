@@ -43,6 +43,15 @@ def test_model_path_precedence(monkeypatch):
     assert EngineConfig(model_path="../w").resolve_model_path("/repo/m", "/d")[0] == "/cli"
 
 
+def test_prefill_batches_default_by_device_and_a_set_value_stands():
+    assert EngineConfig().max_prefill_tokens == 0
+    assert EngineConfig().on_device("cpu").max_prefill_tokens == 2048
+    assert EngineConfig().on_device("cuda:1").max_prefill_tokens == 4096
+    assert EngineConfig(max_prefill_tokens=8192).on_device("cpu").max_prefill_tokens == 8192
+    with pytest.raises(ConfigError, match="max_prefill_tokens must be >= 0"):
+        EngineConfig(max_prefill_tokens=-1)
+
+
 def test_command_line_parameters_override_config_pbtxt(monkeypatch):
     monkeypatch.setenv(PARAMS_ENV, '{"dtype": "bfloat16", "max_num_seqs": "8"}')
     c = EngineConfig.from_model_config({"dtype": "float32", "scheduler_policy": "continuous"})

@@ -49,6 +49,14 @@ def test_a_cpu_matmul_adds_its_compute_and_its_weight_read():
     assert cpu.matmul_s(64, params) == pytest.approx(compute + read)
 
 
+def test_simulated_engines_take_their_devices_defaults():
+    from bucketserve.sim.runner import Replica
+
+    cpu = replace(A100, device="cpu")
+    assert Replica(EngineConfig(), CostModel(cpu, LLAMA_7B), lambda _n: None).core.scheduler.max_prefill_tokens == 2048
+    assert Replica(EngineConfig(), CostModel(A100, LLAMA_7B), lambda _n: None).core.scheduler.max_prefill_tokens == 4096
+
+
 def test_padding_and_tensor_parallelism_cost_what_they_should():
     cost = CostModel(A100, LLAMA_7B)
     assert cost.prefill_s([50, 1500], padded=True) > 1.5 * cost.prefill_s([50, 1500])

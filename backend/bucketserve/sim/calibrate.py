@@ -185,7 +185,8 @@ def calibrate(model_path: str, name: str, log: Callable[[str], None] = print) ->
     shapes, measured = on_passing_thread(_steps, executor, shape.vocab)
     bare = Hardware(name, flops, read, attention, act_bw=float("inf"),
                     memory_bytes=config.kv_cache_memory_fraction * available_ram(), step_overhead_s=0.0,
-                    row_overhead_s=0.0, kv_bw=float("inf"), matmul_overlap=0.0, dtype=dtype, source="")
+                    row_overhead_s=0.0, kv_bw=float("inf"), matmul_overlap=0.0, dtype=dtype, device="cpu",
+                    source="")
     cost = CostModel(bare, shape)
     unit = CostModel(replace(bare, act_bw=1.0), shape)
     rows, residual = [], []

@@ -48,6 +48,9 @@ class Hardware:
     link_latency_s: float = 0.0
     dtype: str = "bfloat16"
     """The dtype these rates hold for (weights and KV)."""
+    device: str = "cuda"
+    """The kind of device profiled, ``cpu`` or ``cuda``: the engine's defaults that depend on it
+    (``max_prefill_tokens``) take its value, as on a real one."""
     source: str = ""
 
     @property

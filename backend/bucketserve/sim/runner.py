@@ -68,6 +68,7 @@ class Replica:
 
     def __init__(self, config: EngineConfig, cost: CostModel, on_finish: Callable[[int], None],
                  kind: type[SimExecutor] = SimExecutor, after_step: Callable[["Replica"], None] = lambda _r: None):
+        config = config.on_device(cost.hw.device)
         self.clock = SimClock()
         self.executor = kind(cost, self.clock, config.kv_page_size if config.executor != "hf" else 0,
                              activation_reserve(config, cost))
