@@ -88,7 +88,8 @@ def _operators(executor: Any, shape: ModelShape, dtype_bytes: int) -> tuple[floa
         q = torch.randn(n, shape.heads, shape.head_dim, dtype=model.dtype)
         kv = torch.randn(n, shape.kv_heads, shape.head_dim, dtype=model.dtype)
         attention = 2 * n * n * shape.heads * shape.head_dim / best_of(lambda: prefill_attention(q, kv, kv, [n], model.scale))
-    return 1 / per_flop, 1 / per_byte, attention
+    # a rate the fit cannot see (its coefficient 0) is as good as unlimited
+    return 1 / per_flop if per_flop > 0 else 1e18, 1 / per_byte if per_byte > 0 else 1e15, attention
 
 
 def _steps(executor: Any, vocab: int) -> tuple[list[tuple[str, list[int]]], list[float]]:
