@@ -53,6 +53,12 @@ def nonnegative_lstsq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         active = [i for i in active if i not in negative]
 
 
+def rate(per_unit: float, unlimited: float = 1e15) -> float:
+    """A fitted cost per unit (seconds per FLOP, per byte) as a rate; one the fit cannot see (its coefficient
+    0) is as good as unlimited."""
+    return float(1 / per_unit) if per_unit > 0 else unlimited
+
+
 MATMUL_ROWS = (1, 8, 32, 64, 128, 256, 512)
 """Row counts the model's matmuls are timed at: from one decode row (the weight read) to a large prefill."""
 
@@ -88,8 +94,7 @@ def _operators(executor: Any, shape: ModelShape, dtype_bytes: int) -> tuple[floa
         q = torch.randn(n, shape.heads, shape.head_dim, dtype=model.dtype)
         kv = torch.randn(n, shape.kv_heads, shape.head_dim, dtype=model.dtype)
         attention = 2 * n * n * shape.heads * shape.head_dim / best_of(lambda: prefill_attention(q, kv, kv, [n], model.scale))
-    # a rate the fit cannot see (its coefficient 0) is as good as unlimited
-    return 1 / per_flop if per_flop > 0 else 1e18, 1 / per_byte if per_byte > 0 else 1e15, attention
+    return rate(per_flop, unlimited=1e18), rate(per_byte), attention
 
 
 def _steps(executor: Any, vocab: int) -> tuple[list[tuple[str, list[int]]], list[float]]:
@@ -200,8 +205,7 @@ def calibrate(model_path: str, name: str, log: Callable[[str], None] = print) ->
         residual.append(1 - predicted / seconds)
     overhead, per_row, per_byte, per_kv_byte = nonnegative_lstsq(np.array(rows), np.array(residual))
     hw = replace(bare, step_overhead_s=float(overhead), row_overhead_s=float(per_row),
-                 act_bw=float(1 / per_byte) if per_byte > 0 else 1e15,
-                 kv_bw=float(1 / per_kv_byte) if per_kv_byte > 0 else 1e15,
+                 act_bw=rate(per_byte), kv_bw=rate(per_kv_byte),
                  source=f"calibrated with {model_path} ({shape.layers} layers, hidden {shape.hidden}) on "
                         f"{os.cpu_count()} cores by `bucketserve simulate calibrate`")
     fitted = CostModel(hw, shape)

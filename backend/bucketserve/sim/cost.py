@@ -2,10 +2,10 @@
 
 Each matmul takes the longer of its compute (2 x rows x weights / FLOP/s) and its weight read (bytes /
 bandwidth), so decode at small batch is memory-bound and prefill compute-bound, as measured on real
-devices (on the CPU the two add up instead: ``Hardware.matmul_overlap``); a fixed time per layer adds what small kernels take to start and drain. Attention is causal FLOPs
-for a prefill and the cached keys and values read for a decode row (padding included, if the executor pads).
-With ``devices`` > 1 the model is split tensor-parallel: rates multiply, and each layer adds two all-reduces
-of the activations over the link.
+devices (on the CPU the two add up instead: ``Hardware.matmul_overlap``); a fixed time per layer adds what
+small kernels take to start and drain. Attention is causal FLOPs for a prefill and the cached keys and values
+read for a decode row (padding included, if the executor pads). With ``devices`` > 1 the model is split
+tensor-parallel: rates multiply, and each layer adds two all-reduces of the activations over the link.
 """
 
 from __future__ import annotations
