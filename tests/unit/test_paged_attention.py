@@ -89,7 +89,7 @@ def test_written_keys_land_in_their_pages_and_packed_prefill_stays_within_each_s
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("heads, kv_heads, dim", [(4, 4, 64), (8, 2, 64), (4, 2, 128)])
+@pytest.mark.parametrize("heads, kv_heads, dim", [(4, 4, 64), (8, 2, 64), (4, 2, 128), (16, 2, 128)])
 def test_prefill_kernel_equals_causal_sdpa_over_each_sequence_alone(heads, kv_heads, dim, dtype):
     """As the executor calls it: q, k and v are strided views of one fused projection, the batch's prompts
     packed back to back (lengths around the kernel's blocks of 64 positions), then rows of padding."""

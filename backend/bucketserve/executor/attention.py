@@ -2,8 +2,8 @@
 
 Prefill: the batch's prompts are packed one after another (no padding); each sequence attends causally to
 itself only. On the CPU a compiled kernel (``csrc/prefill_attention.cpp``) does it for the whole batch at
-once, 1.6-2x torch's flash SDPA here; elsewhere, or where it cannot be built, each sequence runs one causal
-SDPA over its own queries, keys and values.
+once: 1.25x torch's flash SDPA here on a 2,000-token prompt, 2x on 300-token ones; elsewhere, or where it
+cannot be built, each sequence runs one causal SDPA over its own queries, keys and values.
 
 Decode: every row has one query and a different number of cached positions, in pages of the pool.
 On the CPU a compiled kernel (``csrc/paged_attention.cpp``) reads each row's pages once, in place, with

@@ -1,6 +1,6 @@
-// Attention of one query position's heads over cached keys and values, for the CPU kernels: the decode
-// kernel (paged_attention.cpp) runs it for each row's one new position over its pages, the prefill kernel
-// (prefill_attention.cpp) for every prompt position over the positions before it. Two passes over the keys
+// Attention of one query position's heads over cached keys and values, for the decode kernel
+// (paged_attention.cpp), which runs it for each row's one new position over its pages; the prefill kernel
+// (prefill_attention.cpp) shares its softmax and its scheduling of jobs. Two passes over the keys
 // and values: the scores of every position against the query heads of a group (reading the keys once),
 // then one softmax over them and the weighted sum of the values (reading the values once, for several query
 // heads at a time). A position's scores fit in L2 (max_model_len floats per query head). With the head size

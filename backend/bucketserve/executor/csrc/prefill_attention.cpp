@@ -1,9 +1,12 @@
-// Causal attention of packed prompts (one after another, no padding), for the CPU: every position's query
-// heads of a group against the keys and values of its own sequence up to itself, through GroupAttention
-// (attention.h). torch's flash SDPA, run once per sequence, reached about 50 GFLOP/s on these shapes here.
-// A job is one sequence's kv head over a block of its positions; it first copies the keys and values it
-// reads into contiguous scratch (they sit kv_heads apart in the packed projection), then attends each
-// position of the block in turn.
+// Causal attention of packed prompts (one after another, no padding), for the CPU. A job is one sequence's
+// kv head over a block of its positions. It first copies the keys it reads into scratch, transposed
+// ([dim][position], so that one vector holds 16 positions' values of one dimension), and the values as they
+// are; both in float32. The block's query vectors (its positions x the kv head's group of query heads) then go
+// through in tiles, as a small matrix product each: the scores of kTile vectors against 16 keys at a time
+// (each key vector loaded once for the whole tile), one softmax per vector over its positions, and the
+// weighted sum of the values for a few vectors at once (each value vector loaded once for them). One query
+// vector at a time, as decode does, reached 114 GFLOP/s here on a 2,000-token prompt and 99 on 300-token
+// ones; tiles reach 150 and 123; torch's flash SDPA, run once per sequence, 120 and 60.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
@@ -11,7 +14,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -21,6 +23,7 @@ namespace bucketserve {
 namespace {
 
 constexpr int64_t kBlock = 64;  // positions per job: enough jobs to share among threads, few key copies
+constexpr int kTile = 8;        // query vectors scored together: kTile accumulators, one key vector load each
 
 struct Packed {
   std::vector<int64_t> starts, lengths, blocks;  // per job: its sequence's start and length, its first position
@@ -28,9 +31,55 @@ struct Packed {
   float scale;
 };
 
+inline int64_t round16(int64_t n) { return (n + 15) / 16 * 16; }
+
+// one thread's scratch, sized for the longest sequence
+template <int DIM>
+struct Scratch {
+  explicit Scratch(int64_t longest)
+      : capacity(round16(longest)), keys(DIM * capacity), values(capacity * DIM), scores(kTile * capacity),
+        query(kTile * DIM), totals(kTile) {}
+  int64_t capacity;
+  std::vector<float> keys, values, scores, query, totals;
+};
+
+// scores (before the softmax) of kTile query vectors against keys [0, end), 16 at a time
+template <int DIM>
+inline void tile_scores(const float* __restrict query, const float* __restrict keys, int64_t capacity, int64_t end,
+                        float* __restrict scores) {
+  for (int64_t t = 0; t < end; t += 16) {
+    Floats acc[kTile] = {};
+    for (int d = 0; d < DIM; ++d) {
+      const Floats k = load16(keys + d * capacity + t);
+      for (int r = 0; r < kTile; ++r) acc[r] += query[r * DIM + d] * k;
+    }
+    for (int r = 0; r < kTile; ++r) store16(scores + r * capacity + t, acc[r]);
+  }
+}
+
+// out rows of G vectors: their weights (zero past each vector's own length) times the values [0, end)
+template <int DIM, int G, typename T>
+inline void tile_values(const float* __restrict weights, int64_t capacity, const float* __restrict values, int64_t end,
+                        const float* __restrict totals, T* const* __restrict out) {
+  Floats acc[G][DIM / 16] = {};
+  for (int64_t t = 0; t < end; ++t) {
+    for (int i = 0; i < DIM / 16; ++i) {
+      const Floats v = load16(values + t * DIM + 16 * i);
+      for (int g = 0; g < G; ++g) acc[g][i] += weights[g * capacity + t] * v;
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const float inverse = 1.f / totals[g];
+    for (int i = 0; i < DIM / 16; ++i)
+      for (int j = 0; j < 16; ++j) out[g][16 * i + j] = static_cast<T>(acc[g][i][j] * inverse);
+  }
+}
+
 template <typename T, int DIM>
 void prefill(const T* __restrict q, const T* __restrict k, const T* __restrict v, T* __restrict out, const Packed& p,
              int64_t longest) {
+  constexpr int G = DIM <= 64 ? 4 : 2;  // vectors per pass over the values: G x DIM / 16 accumulators
+  static_assert(kTile % G == 0, "a tile splits into passes over the values");
   const int64_t group = p.heads / p.kv_heads, jobs = static_cast<int64_t>(p.blocks.size()) * p.kv_heads;
   const auto end_of = [&](int64_t block) { return std::min(p.blocks[block] + kBlock, p.lengths[block]); };
   const auto cost = [&](int64_t job) {
@@ -38,24 +87,48 @@ void prefill(const T* __restrict q, const T* __restrict k, const T* __restrict v
     return (end_of(block) - p.blocks[block]) * (end_of(block) + p.blocks[block]);
   };
   run_costliest_first(jobs, cost, [&] {
-    return [&, attend = GroupAttention<DIM, T>(group), keys = std::vector<T>(longest * DIM),
-            values = std::vector<T>(longest * DIM)](int64_t job) mutable {
+    return [&, s = Scratch<DIM>(longest)](int64_t job) mutable {
       const int64_t block = job / p.kv_heads, kv_head = job % p.kv_heads, start = p.starts[block];
-      const int64_t first = p.blocks[block], last = end_of(block);
+      const int64_t first = p.blocks[block], last = end_of(block), cap = s.capacity;
       for (int64_t t = 0; t < last; ++t) {
-        std::memcpy(keys.data() + t * DIM, k + (start + t) * p.k_stride + kv_head * DIM, DIM * sizeof(T));
-        std::memcpy(values.data() + t * DIM, v + (start + t) * p.v_stride + kv_head * DIM, DIM * sizeof(T));
+        const T* key = k + (start + t) * p.k_stride + kv_head * DIM;
+        const T* value = v + (start + t) * p.v_stride + kv_head * DIM;
+        for (int d = 0; d < DIM; ++d) {
+          s.keys[d * cap + t] = static_cast<float>(key[d]);
+          s.values[t * DIM + d] = static_cast<float>(value[d]);
+        }
       }
-      const int64_t page = 0;  // the scratch is one block of `last` positions
-      for (int64_t i = first; i < last; ++i)
-        attend(q + (start + i) * p.q_stride + kv_head * group * DIM, p.scale, i + 1, keys.data(), values.data(), &page,
-               last, 1, 0, out + ((start + i) * p.heads + kv_head * group) * DIM);
+      // the block's vectors, position after position and within one the group's heads; a last tile that is
+      // not full repeats its last vector
+      const int64_t vectors = (last - first) * group;
+      for (int64_t tile = 0; tile < vectors; tile += kTile) {
+        int64_t lengths[kTile];
+        T* rows[kTile];
+        for (int r = 0; r < kTile; ++r) {
+          const int64_t vector = std::min(tile + r, vectors - 1), position = first + vector / group;
+          const int64_t head = kv_head * group + vector % group;
+          const T* query = q + (start + position) * p.q_stride + head * DIM;
+          for (int d = 0; d < DIM; ++d) s.query[r * DIM + d] = static_cast<float>(query[d]) * p.scale;
+          lengths[r] = position + 1;
+          rows[r] = out + ((start + position) * p.heads + head) * DIM;
+        }
+        const int64_t end = lengths[kTile - 1];  // the tile's longest: positions only grow within it
+        tile_scores<DIM>(s.query.data(), s.keys.data(), cap, end, s.scores.data());
+        for (int r = 0; r < kTile; ++r) {
+          float* row = s.scores.data() + r * cap;
+          s.totals[r] = softmax_numerators(row, lengths[r]);
+          std::fill(row + lengths[r], row + end, 0.f);
+        }
+        // vectors past the block's last repeat it: their rows are its row, written again with the same values
+        for (int64_t r = 0; r < std::min<int64_t>(kTile, vectors - tile); r += G)
+          tile_values<DIM, G>(s.scores.data() + r * cap, cap, s.values.data(), lengths[r + G - 1], s.totals.data() + r,
+                              rows + r);
+      }
     };
   });
 }
 
 }  // namespace
-
 // q [tokens, heads, dim], k and v [tokens, kv_heads, dim] (dim and heads contiguous; rows may be strided, as
 // views of a fused projection); lengths: the sequences packed one after another from row 0. Returns
 // [tokens, heads, dim]; rows past the last sequence come out zero.
