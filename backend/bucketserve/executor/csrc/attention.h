@@ -96,6 +96,10 @@ inline float softmax_numerators(float* __restrict w, int64_t length) {
   return total;
 }
 
+// query vectors per pass over the values: kValuesPerPass x DIM / 16 accumulators stay in registers
+template <int DIM>
+constexpr int kValuesPerPass = DIM <= 64 ? 4 : 2;
+
 // the weighted sums of a row's values for G query heads at once (each value vector loaded once for all G)
 template <int DIM, int G, typename T>
 inline void weighted_values(const float* __restrict weights, int64_t length, const T* __restrict value_pool,
@@ -128,7 +132,7 @@ class GroupAttention {
   void operator()(const T* __restrict q_row, float scale, int64_t length, const T* __restrict key_pool,
                   const T* __restrict value_pool, const int64_t* __restrict pages, int64_t page_size, int64_t kv_heads,
                   int64_t kv_head, T* __restrict out_row) {
-    constexpr int G = DIM <= 64 ? 4 : 2;  // query heads per pass over the values: G x DIM / 16 accumulators
+    constexpr int G = kValuesPerPass<DIM>;
     const int64_t group = group_;
     for (int64_t i = 0; i < group * DIM; ++i) query_[i] = static_cast<float>(q_row[i]) * scale;
     scores_.resize(group * length);

@@ -57,7 +57,9 @@ inline void tile_scores(const float* __restrict query, const float* __restrict k
   }
 }
 
-// out rows of G vectors: their weights (zero past each vector's own length) times the values [0, end)
+// out rows of G vectors: their weights (zero past each vector's own length) times the values [0, end). The
+// accumulation is weighted_values' (attention.h) over contiguous scratch, writing each row straight out: calling
+// weighted_values itself (one page of `capacity` positions) measured 4% slower on a 2,000-token prompt
 template <int DIM, int G, typename T>
 inline void tile_values(const float* __restrict weights, int64_t capacity, const float* __restrict values, int64_t end,
                         const float* __restrict totals, T* const* __restrict out) {
@@ -78,7 +80,7 @@ inline void tile_values(const float* __restrict weights, int64_t capacity, const
 template <typename T, int DIM>
 void prefill(const T* __restrict q, const T* __restrict k, const T* __restrict v, T* __restrict out, const Packed& p,
              int64_t longest) {
-  constexpr int G = DIM <= 64 ? 4 : 2;  // vectors per pass over the values: G x DIM / 16 accumulators
+  constexpr int G = kValuesPerPass<DIM>;
   static_assert(kTile % G == 0, "a tile splits into passes over the values");
   const int64_t group = p.heads / p.kv_heads, jobs = static_cast<int64_t>(p.blocks.size()) * p.kv_heads;
   const auto end_of = [&](int64_t block) { return std::min(p.blocks[block] + kBlock, p.lengths[block]); };
@@ -129,6 +131,7 @@ void prefill(const T* __restrict q, const T* __restrict k, const T* __restrict v
 }
 
 }  // namespace
+
 // q [tokens, heads, dim], k and v [tokens, kv_heads, dim] (dim and heads contiguous; rows may be strided, as
 // views of a fused projection); lengths: the sequences packed one after another from row 0. Returns
 // [tokens, heads, dim]; rows past the last sequence come out zero.
