@@ -92,7 +92,8 @@ def build_engine(config: EngineConfig, model: LoadedModel, on_output: OnOutput, 
     config = config.on_device(executor.info()["device"])
     max_len = config.max_model_len or executor.max_position_embeddings
     free = executor.free_device_memory(config.max_prefill_tokens, max_len)
-    scheduler = build_scheduler(config, executor.kv_cost().bytes_per_token, free, max_len, executor.page_size)
+    scheduler = build_scheduler(config, executor.kv_cost().bytes_per_token, free, max_len, executor.page_size,
+                                executor.unified_step)
     budget = scheduler.budget
     on_passing_thread(executor.allocate, budget.budget_bytes)
     log(f"policy {config.scheduler_policy}; KV budget {budget.budget_bytes / 2**20:.0f} MiB "

@@ -14,17 +14,22 @@ from tests.waiting import wait_for
 
 
 
+def decoding_method(runner: Executor) -> str:
+    """What the engine decodes through: the unified step (prefill and decode in one forward), or ``decode``."""
+    return "step" if runner.unified_step else "decode"
+
+
 def test_a_failed_step_fails_its_requests_once_and_the_engine_keeps_serving(model, runner, reference, monkeypatch):
-    real_decode = runner.decode
+    real_decode = getattr(runner, decoding_method(runner))
     calls = {"n": 0}
 
-    def flaky_decode():
+    def flaky_decode(*args):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("injected failure")
-        return real_decode()
+        return real_decode(*args)
 
-    monkeypatch.setattr(runner, "decode", flaky_decode)
+    monkeypatch.setattr(runner, decoding_method(runner), flaky_decode)
     engine, collector = new_engine(model)
     victims = [make(model, p, max_tokens=50) for p in PROMPTS[:2]]
     for r in victims:
@@ -43,10 +48,14 @@ def test_a_failed_step_fails_its_requests_once_and_the_engine_keeps_serving(mode
 
 
 def test_a_request_finished_by_prefill_gets_its_final_even_if_that_steps_decode_fails(model, runner, monkeypatch):
-    def broken_decode():
-        raise RuntimeError("injected failure")
+    real_decode = getattr(runner, decoding_method(runner))
 
-    monkeypatch.setattr(runner, "decode", broken_decode)
+    def broken_decode(*args):
+        if runner.rows:  # every step that decodes a row fails
+            raise RuntimeError("injected failure")
+        return real_decode(*args)
+
+    monkeypatch.setattr(runner, decoding_method(runner), broken_decode)
     engine, collector = new_engine(model)
     survivor, victim = make(model, "a", max_tokens=1), make(model, "b", max_tokens=50)
     engine.submit(survivor)

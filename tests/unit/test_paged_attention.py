@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bucketserve.executor.attention import DecodeLayout, decode_attention, prefill_attention
+from bucketserve.executor.attention import DecodeLayout, PrefillLayout, decode_attention, prefill_attention
 from bucketserve.executor.kernels import cpu_kernels
 from bucketserve.executor.kv_cache import OutOfPages, PagedKVPool
 
@@ -83,30 +83,54 @@ def test_written_keys_land_in_their_pages_and_packed_prefill_stays_within_each_s
     p.write(0, p.slot_index(pages, offsets), k, v)
     stored = p.keys[0][p.tables[1].pages].transpose(0, 1).reshape(2, -1, dim)[:, :6]
     torch.testing.assert_close(stored, k[3:].transpose(0, 1))
-    out = prefill_attention(q, k, v, lengths, dim ** -0.5)
-    alone = prefill_attention(q[3:], k[3:], v[3:], [6], dim ** -0.5)
+    both = PrefillLayout.build([p.tables[0].pages, p.tables[1].pages], lengths, [0, 0], q.device)
+    out = prefill_attention(q, k, v, both, p.keys[0], p.values[0], dim ** -0.5)
+    second = PrefillLayout.build([p.tables[1].pages], [6], [0], q.device)
+    alone = prefill_attention(q[3:], k[3:], v[3:], second, p.keys[0], p.values[0], dim ** -0.5)
     torch.testing.assert_close(out[3:], alone)  # the second sequence never sees the first
+
+
+def cached_prompts(totals: list[int], contexts: list[int], heads: int, kv_heads: int, dim: int, dtype: torch.dtype,
+                   padding: int = 5, page: int = 16):
+    """Sequences of ``totals`` positions, all their keys and values written to a pool, of which this step computes
+    the positions after ``contexts``: their q, k and v as the executor passes them (strided views of one fused
+    projection, packed back to back, then rows of padding). Also each whole sequence's q, k and v."""
+    p = pool(num_pages=sum(-(-t // page) for t in totals), page=page, kv_heads=kv_heads, dim=dim, dtype=dtype)
+    whole = [torch.randn(t, heads + 2 * kv_heads, dim, dtype=dtype) for t in totals]
+    for seq, (t, x) in enumerate(zip(totals, whole)):
+        p.reserve(seq, t)
+        p.write(0, p.slot_index(*p.slots(seq, 0, t)), x[:, heads:heads + kv_heads], x[:, heads + kv_heads:])
+    new = torch.cat([x[c:] for x, c in zip(whole, contexts)] + [torch.randn(padding, heads + 2 * kv_heads, dim, dtype=dtype)])
+    tokens = new.shape[0]
+    qkv = new.reshape(tokens, -1)
+    q, k, v = (t.view(tokens, -1, dim) for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1))
+    layout = PrefillLayout.build([p.tables[seq].pages for seq in range(len(totals))],
+                                 [t - c for t, c in zip(totals, contexts)], contexts, q.device)
+    return p, q, k, v, layout, [x.split([heads, kv_heads, kv_heads], dim=1) for x in whole]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads, kv_heads, dim", [(4, 4, 64), (8, 2, 64), (4, 2, 128), (16, 2, 128)])
-def test_prefill_kernel_equals_causal_sdpa_over_each_sequence_alone(heads, kv_heads, dim, dtype):
-    """As the executor calls it: q, k and v are strided views of one fused projection, the batch's prompts
-    packed back to back (lengths around the kernel's blocks of 64 positions), then rows of padding."""
-    kernel = cpu_kernels(log=print)
-    assert kernel is not None, "the CPU kernels did not build"
+@pytest.mark.parametrize("on", ["kernel", "torch"])
+def test_prefill_of_prompts_and_chunks_equals_causal_sdpa_over_each_whole_sequence(heads, kv_heads, dim, dtype, on):
+    """Whole prompts (no context) and later chunks of prompts (their first positions already in the pool), with
+    lengths around the kernel's blocks of 64 positions and contexts around pages: each new position's output is
+    its row of causal SDPA over its whole sequence, on the compiled kernel and on the torch path."""
+    kernel = cpu_kernels(log=print) if on == "kernel" else None
+    assert on == "torch" or kernel is not None, "the CPU kernels did not build"
     torch.manual_seed(3)
-    lengths, padding = [1, 2, 63, 64, 65, 130, 7], 5
-    tokens = sum(lengths) + padding
-    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, dtype=dtype)
-    q, k, v = (t.view(tokens, -1, dim) for t in qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=1))
-    got = prefill_attention(q, k, v, lengths, dim ** -0.5, kernel)
+    totals = [1, 2, 63, 64, 65, 130, 7, 75, 200, 17]
+    contexts = [0, 0, 0, 0, 0, 0, 0, 11, 128, 16]
+    padding = 5
+    p, q, k, v, layout, whole = cached_prompts(totals, contexts, heads, kv_heads, dim, dtype, padding)
+    got = prefill_attention(q, k, v, layout, p.keys[0], p.values[0], dim ** -0.5, kernel)
     assert got.shape == q.shape and not got[-padding:].any()
     start = 0
-    for n in lengths:
-        qs, ks, vs = (t[None, start:start + n].transpose(1, 2).float() for t in (q, k, v))
+    for (qs, ks, vs), total, context in zip(whole, totals, contexts):
+        n = total - context
+        qs, ks, vs = (t[None].transpose(1, 2).float() for t in (qs, ks, vs))
         want = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)[0].transpose(0, 1)
-        torch.testing.assert_close(got[start:start + n].float(), want,
+        torch.testing.assert_close(got[start:start + n].float(), want[context:],
                                    **({} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}))
         start += n
 

@@ -91,20 +91,37 @@ class EngineCore:
             self._expire_running(self.scheduler.running, events)
             batch = self.scheduler.next_prefill(self.clock())
             if batch:
-                lengths = [r.prompt_len for r in batch]
+                lengths = [r.prefill_end - r.prefilled for r in batch]
                 self.monitor.on_prefill(lengths, self.executor.prefill_positions(lengths), bool(self.executor.page_size))
-                out = self.executor.prefill(batch)
-                self._expire_running(out.rows, events)  # a first token that came too late is not sent
-                self._apply(out, events)
-            if self.scheduler.running:
-                out = self.executor.decode()
-                self.monitor.on_decode(*self.executor.last_decode_positions)
-                self._apply(out, events)
+            if self.executor.unified_step:
+                decoding = len(self.scheduler.running) > len(batch)
+                if batch or decoding:
+                    out = self.executor.step(batch)
+                    self._prefilled(batch, out, events)
+                    if decoding:
+                        self.monitor.on_decode(*self.executor.last_decode_positions)
+                    self._apply(out, events)
+            else:
+                if batch:
+                    out = self.executor.prefill(batch)
+                    self._prefilled(batch, out, events)
+                    self._apply(out, events)
+                if self.scheduler.running:
+                    out = self.executor.decode()
+                    self.monitor.on_decode(*self.executor.last_decode_positions)
+                    self._apply(out, events)
             self.monitor.on_oom_retries(self.executor.oom_retries)
         finally:
             # also when the step fails: requests it already finished must get their final event
             if events:
                 self.emit(events)
+
+    def _prefilled(self, batch: list[Request], out: StepOutput, events: list[Event]) -> None:
+        """The batch's prompts are computed up to ``prefill_end``; a first token that came too late is not sent."""
+        for request in batch:
+            request.prefilled = request.prefill_end
+        firsts = {r.id for r in batch}
+        self._expire_running([r for r in out.rows if r.id in firsts], events)
 
     def _apply(self, out: StepOutput, events: list[Event]) -> None:
         """Record a step's tokens; the rows whose forward failed end with an error, the rest go on."""

@@ -36,9 +36,12 @@ class StepOutput:
     logprobs: dict[int, TokenLogprobs] = field(default_factory=dict)
     """By request id, for the rows whose sampling asks for log probabilities."""
 
-    def add(self, rows: Sequence[Request], tokens: list[int]) -> None:
-        self.rows += rows
-        self.tokens += tokens
+    def add(self, rows: Sequence[Request], tokens: Sequence[int | None]) -> None:
+        """Rows and their tokens; a row whose token is None (a prompt chunk that is not its last) got none."""
+        for row, token in zip(rows, tokens):
+            if token is not None:
+                self.rows.append(row)
+                self.tokens.append(token)
 
     def fail(self, rows: Sequence[Request], error: BaseException) -> None:
         self.failed += [(r, f"{type(error).__name__}: {error}") for r in rows]
@@ -54,6 +57,9 @@ class Executor(Protocol):
     """(cached positions, padding positions) the last decode step attended to."""
     oom_retries: int
     """Forward passes that ran out of memory and were retried as two halves."""
+    unified_step: bool
+    """The executor runs a step's prefill and decode as one forward (``step``), and prefills long prompts in chunks
+    (each request's positions ``prefilled`` to ``prefill_end``). False: ``prefill`` then ``decode``, whole prompts."""
 
     def info(self) -> dict[str, str]:
         """What runs, for logs, metrics and reports: executor, dtype, device, matmuls."""
@@ -78,6 +84,10 @@ class Executor(Protocol):
 
     def decode(self) -> StepOutput:
         """One token for every running row."""
+
+    def step(self, batch: Sequence[Request]) -> StepOutput:
+        """``unified_step`` executors: the batch's prompt chunks and one token for every row running before it, as
+        one forward; a request whose prompt this chunk completes gets its first token and joins the running rows."""
 
     def drop(self, ids: set[int]) -> None:
         """Finished or aborted sequences leave the running set; their KV is freed."""

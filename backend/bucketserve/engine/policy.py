@@ -40,6 +40,11 @@ class StepContext:
     left: Sequence[Request] | None = None
     """The requests that left the waiting set since the policy's last decision, when none arrived (None:
     unknown, or some arrived): a policy may take them out of what it derived instead of starting over."""
+    chunked: bool = False
+    """The executor prefills long prompts in chunks: a request that does not fit ``max_prefill_tokens`` no longer
+    runs alone, whole; it waits, or gets a first chunk when ``may_chunk``."""
+    may_chunk: bool = False
+    """The batch's last request may be one that does not fit ``max_prefill_tokens``: it gets a first chunk now."""
 
 
 class AdmissionPolicy(Protocol):
@@ -49,7 +54,9 @@ class AdmissionPolicy(Protocol):
 def fill(candidates: Sequence[Request], ctx: StepContext, limit: int | None = None) -> list[Request]:
     """Take ``candidates`` in order while the batch fits; stop at the first that does not.
 
-    A lone request longer than ``max_prefill_tokens`` still runs (alone), or it would wait forever.
+    Without chunking, a lone request longer than ``max_prefill_tokens`` still runs (alone), or it would wait
+    forever. With ``may_chunk``, the first request past the prefill tokens joins (its prompt is then prefilled in
+    chunks), as long as tokens are left for its first chunk.
     """
     limit = ctx.free_slots if limit is None else min(limit, ctx.free_slots)
     usage = ctx.budget.usage(ctx.running)
@@ -60,13 +67,16 @@ def fill(candidates: Sequence[Request], ctx: StepContext, limit: int | None = No
             break
         widest_next, tokens_next = max(widest, request.prompt_len), tokens + request.prompt_len
         cost = tokens_next if ctx.packed else (len(batch) + 1) * widest_next
-        if batch and cost > ctx.max_prefill_tokens:
+        over = cost > ctx.max_prefill_tokens
+        if over and (batch or ctx.chunked) and not (ctx.may_chunk and tokens < ctx.max_prefill_tokens):
             break
         usage_next = ctx.budget.plus(usage, request)
         if ctx.budget.bytes_of(usage_next) > ctx.budget.budget_bytes:
             break
         batch.append(request)
         widest, tokens, usage = widest_next, tokens_next, usage_next
+        if over:  # alone, or chunked: nothing after it this step
+            break
     return batch
 
 

@@ -133,9 +133,19 @@ class Request:
     finish_reason: FinishReason | None = None
     prompt_len: int = field(init=False)
     """len(prompt_ids), read many times per scheduling decision."""
+    prefilled: int = 0
+    """Prompt positions whose KV the executor holds: below ``prompt_len`` while a long prompt is prefilled in
+    chunks, one per step."""
+    prefill_to: int = 0
+    """The prompt position this step's prefill reaches (the scheduler sets it each step the request is prefilled)."""
 
     def __post_init__(self) -> None:
         self.prompt_len = len(self.prompt_ids)
+
+    @property
+    def prefill_end(self) -> int:
+        """Where this step's prefill of the request stops (``prefill_to``; the whole prompt when unset)."""
+        return self.prefill_to or self.prompt_len
 
     @property
     def num_output(self) -> int:

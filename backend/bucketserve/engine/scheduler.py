@@ -34,20 +34,25 @@ def make_policy(config: EngineConfig, max_len: int) -> AdmissionPolicy:
 
 
 def build_scheduler(config: EngineConfig, bytes_per_token: int, device_free: int | None, max_len: int,
-                    page_size: int = 0) -> "Scheduler":
+                    page_size: int = 0, chunked: bool = False) -> "Scheduler":
     """The scheduler a config describes: its policy and its KV budget (M_safe). ``page_size`` > 0: the
-    executor keeps KV in pages of that many positions and prefills packed; 0: padded caches and batches."""
+    executor keeps KV in pages of that many positions and prefills packed; 0: padded caches and batches.
+    ``chunked``: the executor can prefill a prompt in chunks over several steps."""
     budget_bytes = safe_budget(config.kv_safety, config.kv_cache_bytes, config.kv_cache_memory_fraction, device_free)
     budget = KVBudget(bytes_per_token, budget_bytes, 0 if page_size else config.kv_cache_growth, page_size)
-    return Scheduler(make_policy(config, max_len), budget, config.max_prefill_tokens, max_len, config.max_num_seqs)
+    return Scheduler(make_policy(config, max_len), budget, config.max_prefill_tokens, max_len, config.max_num_seqs,
+                     chunked)
 
 
 class Scheduler:
     def __init__(self, policy: AdmissionPolicy, budget: KVBudget, max_prefill_tokens: int, max_len: int,
-                 max_num_seqs: int = 1 << 30):
+                 max_num_seqs: int = 1 << 30, chunked: bool = False):
         self.policy = policy
         self.budget = budget
         self.max_prefill_tokens = max_prefill_tokens
+        self.chunked = chunked
+        """A prompt that does not fit a step's prefill tokens is prefilled in chunks, one per step (else: alone,
+        whole)."""
         self.max_len = max_len
         self.max_num_seqs = max_num_seqs
         """Most sequences in the running set at once (a slot limit, not a memory one)."""
@@ -140,16 +145,37 @@ class Scheduler:
         return self.budget.bytes_of(usage) > self.budget.budget_bytes
 
     def next_prefill(self, now: float | None = None) -> list[Request]:
-        """Move the policy's choice from waiting to running; it is prefilled this step."""
+        """The requests prefilled this step, each up to its ``prefill_to``: the prompt in progress (chunked) goes
+        on first, then the policy's choice moves from waiting to running.
+
+        The step computes at most ``max_prefill_tokens`` prompt tokens. A prompt in progress takes all of them
+        when nothing waits, half while requests wait (so that those, online first, get in within a step); the
+        policy fills the rest, and when chunking, its last request may get only a first chunk. One prompt at a
+        time is in progress, so admitted prompts never wait half done behind each other."""
+        in_progress = [r for r in self.running if r.prefilled < r.prompt_len] if self.chunked else []
+        budget = self.max_prefill_tokens
+        for request in in_progress:
+            share = budget - budget // 2 if self.waiting else budget
+            request.prefill_to = min(request.prompt_len, request.prefilled + max(1, share))
+            budget -= request.prefill_to - request.prefilled
+        batch = self._admit(now, budget, may_chunk=self.chunked and not in_progress) if budget > 0 else []
+        for request in batch:
+            request.prefill_to = min(request.prompt_len, budget) if self.chunked else request.prompt_len
+            budget -= request.prefill_to
+        return in_progress + batch
+
+    def _admit(self, now: float | None, budget: int, may_chunk: bool) -> list[Request]:
+        """Move the policy's choice within ``budget`` prompt tokens from waiting to running."""
         free = self.max_num_seqs - len(self.running)
         if free <= 0 or not self.waiting or self._none_fits():
             self.last_select_s = 0.0
             return []
         start = time.perf_counter()
-        ctx = StepContext(time.monotonic() if now is None else now, self.running, free, self.max_prefill_tokens,
+        ctx = StepContext(time.monotonic() if now is None else now, self.running, free, budget,
                           self.budget, self.max_num_seqs, packed=bool(self.budget.page_size),
                           waiting_version=self._changes,
-                          left=None if self._new or self._cleared else self._gone)
+                          left=None if self._new or self._cleared else self._gone, chunked=self.chunked,
+                          may_chunk=may_chunk)
         batch = self.policy.select(self.waiting, ctx)
         self.last_select_s = time.perf_counter() - start
         self._gone, self._new, self._cleared = [], set(), False

@@ -1,9 +1,11 @@
 """Attention without padding: packed prefill, and decode over each row's own pages.
 
-Prefill: the batch's prompts are packed one after another (no padding); each sequence attends causally to
-itself only. On the CPU a compiled kernel (``csrc/prefill_attention.cpp``) does it for the whole batch at
-once: 1.25x torch's flash SDPA here on a 2,000-token prompt, 2x on 300-token ones; elsewhere, or where it
-cannot be built, each sequence runs one causal SDPA over its own queries, keys and values.
+Prefill: the batch's prompts (or the next chunk of a long one) are packed one after another (no padding); each
+sequence attends causally to itself only, the positions it already has in the pool included. On the CPU a
+compiled kernel (``csrc/prefill_attention.cpp``) does it for the whole batch at once, reading keys and values
+from the pool: 1.25x torch's flash SDPA here on a 2,000-token prompt, 2x on 300-token ones; elsewhere, or where
+it cannot be built, each sequence runs one causal SDPA over its own queries, keys and values (gathered from its
+pages when it has a context).
 
 Decode: every row has one query and a different number of cached positions, in pages of the pool.
 On the CPU a compiled kernel (``csrc/paged_attention.cpp``) reads each row's pages once, in place, with
@@ -29,22 +31,53 @@ def prefill_kernel_covers(dtype: torch.dtype, head_dim: int) -> bool:
     return dtype in (torch.float32, torch.bfloat16) and head_dim in (64, 128)
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int], scale: float,
+@dataclass
+class PrefillLayout:
+    """Where a prefill step's sequences are: each computes ``lengths`` new positions (a whole prompt, or the next
+    chunk of one) after the ``contexts`` it already has in the pool, all in pages ``tables``."""
+
+    lengths: list[int]
+    contexts: list[int]
+    tables: torch.Tensor
+    """``[sequences, most_pages]`` int64: each sequence's pages, covering its context and its new positions."""
+
+    @classmethod
+    def build(cls, tables: list[list[int]], lengths: list[int], contexts: list[int],
+              device: torch.device) -> "PrefillLayout":
+        most = max(map(len, tables), default=0)
+        return cls(lengths, contexts, torch.tensor([t + [0] * (most - len(t)) for t in tables], dtype=torch.long,
+                                                   device=device).view(len(tables), most))
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PrefillLayout,
+                      key_pool: torch.Tensor | None, value_pool: torch.Tensor | None, scale: float,
                       kernel: Any = None) -> torch.Tensor:
-    """``q`` ``[tokens, heads, dim]``, ``k``/``v`` ``[tokens, kv_heads, dim]`` of sequences packed back to back;
-    returns ``[tokens, heads, dim]``, each sequence attending causally to itself only. Rows past the last
-    sequence (padding) come out zero. ``kernel``: the compiled CPU kernels, used where they cover the shape."""
+    """``q`` ``[tokens, heads, dim]``, ``k``/``v`` ``[tokens, kv_heads, dim]``: the new positions of sequences packed
+    back to back, whose keys and values are already written to ``key_pool``/``value_pool`` ``[pages, kv_heads,
+    page_size, dim]``; returns ``[tokens, heads, dim]``, each position attending causally to its own sequence (its
+    context included). Rows past the last sequence (padding) come out zero. ``kernel``: the compiled CPU kernels,
+    used where they cover the shape; a sequence without context needs no pool on the torch path."""
     if kernel is not None and prefill_kernel_covers(q.dtype, q.shape[-1]):
-        return kernel.prefill_attention(q, k, v, lengths, scale)
-    out = torch.empty_like(q) if q.shape[0] == sum(lengths) else torch.zeros_like(q)
+        assert key_pool is not None and value_pool is not None
+        return kernel.prefill_attention(q, key_pool, value_pool, layout.tables, layout.lengths, layout.contexts, scale)
+    out = torch.empty_like(q) if q.shape[0] == sum(layout.lengths) else torch.zeros_like(q)
     gqa = q.shape[1] != k.shape[1]
     start = 0
-    for n in lengths:
+    for i, (n, context) in enumerate(zip(layout.lengths, layout.contexts)):
         end = start + n
         # a batch dimension of 1: with 3-d inputs torch takes its slow math path instead of flash attention
-        qs, ks, vs = (t[None, start:end].transpose(1, 2) for t in (q, k, v))
-        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
-                                                        enable_gqa=gqa)[0].transpose(0, 1)
+        qs = q[None, start:end].transpose(1, 2)
+        if context:  # the keys before this chunk are in the pool: gather the sequence's pages, then mask causally
+            assert key_pool is not None and value_pool is not None
+            total, pages = context + n, layout.tables[i]
+            ks, vs = (pool.index_select(0, pages).transpose(0, 1).flatten(1, 2)[None, :, :total]
+                      for pool in (key_pool, value_pool))
+            mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(context)
+            attended = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        else:
+            ks, vs = (t[None, start:end].transpose(1, 2) for t in (k, v))
+            attended = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+        out[start:end] = attended[0].transpose(0, 1)
         start = end
     return out
 

@@ -42,7 +42,7 @@ class ExecutorBase:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    def _in_halves(self, stage: str, rows: list[Request], forward: Callable[[list[Request]], list[int]],
+    def _in_halves(self, stage: str, rows: list[Request], forward: Callable[[list[Request]], list[int | None]],
                    undo: Callable[[list[Request]], None], out: StepOutput) -> None:
         """Run ``forward`` on ``rows``; if it fails, ``undo`` what it did and retry each half, down to
         single rows, which fail alone into ``out``."""

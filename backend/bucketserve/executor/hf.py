@@ -75,6 +75,7 @@ class HFExecutor(ExecutorBase):
 
     page_size = 0
     """Padded caches, padded prefill."""
+    unified_step = False
 
     def info(self) -> dict[str, str]:
         return {"executor": "hf", "dtype": str(self.model.dtype).removeprefix("torch."), "device": str(self.device),

@@ -58,6 +58,19 @@ class PagedKVPool:
             table.pages.append(self._free.pop())
         return table
 
+    def truncate(self, seq: int, length: int) -> None:
+        """Give back ``seq``'s pages past its first ``length`` positions (all of them, and its table, at 0)."""
+        table = self.tables.get(seq)
+        if table is None:
+            return
+        if length <= 0:
+            self.free(seq)
+            return
+        keep = -(-length // self.page_size)
+        self._free.extend(reversed(table.pages[keep:]))
+        del table.pages[keep:]
+        table.length = min(table.length, length)
+
     def free(self, seq: int) -> None:
         table = self.tables.pop(seq, None)
         if table is not None:

@@ -17,7 +17,8 @@ import torch
 from bucketserve.engine.executor import StepOutput
 from bucketserve.engine.memory import KVCostModel
 from bucketserve.engine.request import Request
-from bucketserve.executor.attention import DecodeLayout, decode_attention, prefill_attention, prefill_kernel_covers
+from bucketserve.executor.attention import (DecodeLayout, PrefillLayout, decode_attention, prefill_attention,
+                                            prefill_kernel_covers)
 from bucketserve.executor.base import ExecutorBase, eos_ids_of
 from bucketserve.executor.device import pick_device, pick_dtype
 from bucketserve.executor.kernels import cpu_kernels
@@ -53,6 +54,7 @@ class PagedExecutor(ExecutorBase):
         self.max_position_embeddings = int(getattr(config, "max_position_embeddings", 2048))
         self.page_size = page_size
         self.sampler = Sampler(self.device, self.eos_ids)
+        self.unified_step = True
         self.pool: PagedKVPool | None = None
         self.rows: list[Request] = []
         """The running set, in the order ``decode`` returns tokens."""
@@ -104,7 +106,9 @@ class PagedExecutor(ExecutorBase):
         positions = torch.arange(max_prefill_tokens, device=self.device) % n
         lengths = [n] * (max_prefill_tokens // n) + ([max_prefill_tokens % n] if max_prefill_tokens % n else [])
         scale = self.model.scale
-        hidden = self.model.forward(ids, positions, n, lambda _i, q, k, v: prefill_attention(q, k, v, lengths, scale))
+        layout = PrefillLayout.build([[]] * len(lengths), lengths, [0] * len(lengths), self.device)
+        hidden = self.model.forward(ids, positions, n,
+                                    lambda _i, q, k, v: prefill_attention(q, k, v, layout, None, None, scale))
         self.model.logits(hidden[-len(lengths):])
         peak = torch.cuda.max_memory_allocated(self.device) - base
         torch.cuda.empty_cache()
@@ -115,56 +119,61 @@ class PagedExecutor(ExecutorBase):
 
     @torch.inference_mode()
     def prefill(self, batch: Sequence[Request]) -> StepOutput:
-        """Run the batch's prompts packed, sample each first token, and add the rows to the running set."""
+        """Run the batch's prompt chunks packed; a request whose prompt is complete gets its first token and joins
+        the running set."""
         out = StepOutput()
-        self._in_halves("prefill", list(batch), self._prefill_forward, self._free, out)
+        self._in_halves("prefill", list(batch), lambda b: self._forward(b, []), self._undo, out)
         out.logprobs = self.sampler.take_logprobs()
         return out
-
-    def _prefill_forward(self, batch: list[Request]) -> list[int]:
-        assert self.pool is not None, "allocate() the pool first"
-        pool, dev = self.pool, self.device
-        lengths = [r.prompt_len for r in batch]
-        pages: list[int] = []
-        offsets: list[int] = []
-        for request in batch:
-            pool.reserve(request.id, request.prompt_len)
-            p, o = pool.slots(request.id, 0, request.prompt_len)
-            pages += p
-            offsets += o
-        total = sum(lengths)
-        extra = self.prefill_positions(lengths) - total  # rows of zeros, so the matmuls see a familiar shape
-        ids = torch.tensor([t for r in batch for t in r.prompt_ids] + [0] * extra, device=dev)
-        positions = torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(extra, dtype=torch.long)]).to(dev)
-        slots = pool.slot_index(pages, offsets)
-        scale = self.model.scale
-
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            pool.write(layer, slots, k[:total], v[:total])
-            return prefill_attention(q, k, v, lengths, scale, self.kernel)
-
-        hidden = self.model.forward(ids, positions, max(lengths), attend)
-        last = torch.tensor(lengths, device=dev).cumsum(0) - 1
-        tokens = self.sampler(self.model.logits(hidden.index_select(0, last)), batch)
-        for request in batch:
-            pool.tables[request.id].length = request.prompt_len
-        self.rows += batch
-        return tokens
 
     @torch.inference_mode()
     def decode(self) -> StepOutput:
         """One token for every running row. A forward that fails is retried in halves down to single rows:
         rows that fail alone leave the running set and come back in ``failed``; every other row goes on."""
         assert self.pool is not None and self.rows
-        out = StepOutput()
+        return self._apart([], list(self.rows), StepOutput())
+
+    @torch.inference_mode()
+    def step(self, batch: Sequence[Request]) -> StepOutput:
+        """The batch's prompt chunks and one token for every row running before it, as one forward: the decode
+        rows ride along the prefill's matmuls instead of reading every weight again. If that forward fails, the
+        two run again apart, each retried in halves as ``prefill`` and ``decode`` do."""
+        assert self.pool is not None
+        batch, rows = list(batch), list(self.rows)
         self.last_decode_positions = (0, 0)
-        self._in_halves("decode", list(self.rows), self._decode_forward, lambda _rows: None, out)
-        if out.failed:
-            self.drop({r.id for r, _ in out.failed})
+        out = StepOutput()
+        if batch and rows:
+            try:
+                self._inject("prefill", batch)
+                self._inject("decode", rows)
+                out.add(rows + batch, self._forward(batch, rows))
+                out.logprobs = self.sampler.take_logprobs()
+                return out
+            except Exception as e:
+                self._undo(batch)
+                self._before_retry(e)
+                self.sampler.take_logprobs()
+                self.last_decode_positions = (0, 0)
+        return self._apart(batch, rows, out)
+
+    def _apart(self, batch: list[Request], rows: list[Request], out: StepOutput) -> StepOutput:
+        """The batch's prefill, then the rows' decode, each as its own forward retried in halves."""
+        self.last_decode_positions = (0, 0)
+        if batch:
+            self._in_halves("prefill", batch, lambda b: self._forward(b, []), self._undo, out)
+        if rows:
+            decoded = len(out.failed)
+            self._in_halves("decode", rows, lambda r: self._forward([], r), lambda _rows: None, out)
+            if len(out.failed) > decoded:
+                self.drop({r.id for r, _ in out.failed[decoded:]})
         out.logprobs = self.sampler.take_logprobs()
         return out
 
-    def _decode_forward(self, rows: list[Request]) -> list[int]:
+    def _forward(self, batch: list[Request], rows: list[Request]) -> list[int | None]:
+        """One forward over the running ``rows`` (one new position each) and the ``batch``'s prompt chunks (each
+        request's positions ``prefilled..prefill_end``), packed in that order. Returns a token per row, then per
+        request of the batch (None where its prompt is not complete yet). Only when it succeeds does any row
+        advance: a failed forward leaves the lengths as they were, and the caller gives back the batch's new pages."""
         pool, dev = self.pool, self.device
         assert pool is not None
         tables, pages, offsets = [], [], []
@@ -174,37 +183,77 @@ class PagedExecutor(ExecutorBase):
             page, offset = pool.slots(request.id, table.length, table.length + 1)
             pages += page
             offsets += offset
-        layout = DecodeLayout.build(tables, self.page_size, dev, gather=self.kernel is None)
+        lengths, contexts, prefill_tables = [], [], []
+        for request in batch:
+            start, end = request.prefilled, request.prefill_end
+            prefill_tables.append(pool.reserve(request.id, end).pages)
+            page, offset = pool.slots(request.id, start, end)
+            pages += page
+            offsets += offset
+            lengths.append(end - start)
+            contexts.append(start)
+        decoding, prefilling = len(rows), sum(lengths)
+        # rows of zeros after a prefill, so the matmuls see a familiar shape (a decode step's sizes repeat by themselves)
+        extra = padded_rows(decoding + prefilling) - decoding - prefilling if batch and self.onednn else 0
+        ids = torch.tensor([r.output_ids[-1] for r in rows]
+                           + [t for r in batch for t in r.prompt_ids[r.prefilled:r.prefill_end]] + [0] * extra, device=dev)
+        positions = torch.tensor([n - 1 for _, n in tables] + [p for r in batch for p in range(r.prefilled, r.prefill_end)]
+                                 + [0] * extra, device=dev)
         slots = pool.slot_index(pages, offsets)
-        ids = torch.tensor([r.output_ids[-1] for r in rows], device=dev)
-        positions = torch.tensor([n - 1 for _, n in tables], device=dev)
+        layout = DecodeLayout.build(tables, self.page_size, dev, gather=self.kernel is None) if rows else None
+        chunks = PrefillLayout.build(prefill_tables, lengths, contexts, dev) if batch else None
         scale = self.model.scale
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            pool.write(layer, slots, k, v)
-            return decode_attention(q, pool.keys[layer], pool.values[layer], layout, scale, self.kernel)
+            keys, values = pool.keys[layer], pool.values[layer]
+            pool.write(layer, slots, k[:decoding + prefilling], v[:decoding + prefilling])
+            parts = []
+            if layout is not None:
+                parts.append(decode_attention(q[:decoding], keys, values, layout, scale, self.kernel))
+            if chunks is not None:
+                parts.append(prefill_attention(q[decoding:], k[decoding:], v[decoding:], chunks, keys, values, scale,
+                                               self.kernel))
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-        hidden = self.model.forward(ids, positions, max(n for _, n in tables), attend)
-        tokens = self.sampler(self.model.logits(hidden), rows)
+        end = max([n for _, n in tables] + [r.prefill_end for r in batch])
+        hidden = self.model.forward(ids, positions, end, attend)
+        complete = [r for r in batch if r.prefill_end == r.prompt_len]
+        last = list(range(decoding))
+        offset = decoding
+        for request, n in zip(batch, lengths):
+            offset += n
+            if request.prefill_end == request.prompt_len:
+                last.append(offset - 1)
+        sampled = self.sampler(self.model.logits(hidden.index_select(0, torch.tensor(last, dtype=torch.long, device=dev))),
+                               rows + complete) if last else []
         for request in rows:  # only now: a failed forward advanced no row
             pool.tables[request.id].length += 1
-        # the compiled kernel reads each row's positions only; the torch ops read whole pages, the last one's tail masked
-        read = layout.real_positions if self.kernel is not None else layout.read_positions
-        done, padded = self.last_decode_positions
-        self.last_decode_positions = (done + read, padded + read - layout.real_positions)
-        return tokens
+        for request in batch:
+            pool.tables[request.id].length = request.prefill_end
+        self.rows += complete
+        if rows:
+            # the compiled kernel reads each row's positions only; the torch ops read whole pages, the last one's tail masked
+            assert layout is not None
+            read = layout.real_positions if self.kernel is not None else layout.read_positions
+            done, padded = self.last_decode_positions
+            self.last_decode_positions = (done + read, padded + read - layout.real_positions)
+        tokens = iter(sampled)
+        return [next(tokens) for _ in rows] + [next(tokens) if r.prefill_end == r.prompt_len else None for r in batch]
 
-    def _free(self, rows: list[Request]) -> None:
+    def _undo(self, batch: list[Request]) -> None:
+        """A failed prefill forward: each request gives back the pages it took for this chunk."""
         if self.pool is not None:
-            for request in rows:
-                self.pool.free(request.id)
+            for request in batch:
+                self.pool.truncate(request.id, request.prefilled)
 
     def drop(self, ids: set[int]) -> None:
-        """Finished or aborted sequences leave; their pages go back to the pool."""
-        leaving = [r for r in self.rows if r.id in ids]
-        self._free(leaving)
-        for request in leaving:
-            self.sampler.forget(request.id)
+        """Finished or aborted sequences leave (running, or part way through a chunked prefill); their pages go
+        back to the pool."""
+        if self.pool is not None:
+            for seq in ids:
+                self.pool.free(seq)
+        for seq in ids:
+            self.sampler.forget(seq)
         self.rows = [r for r in self.rows if r.id not in ids]
 
     def reset(self) -> None:

@@ -70,7 +70,7 @@ def _operators(executor: Any, shape: ModelShape, dtype_bytes: int) -> tuple[floa
     one layer's weights alone would stay in cache and read faster than a step's do."""
     import torch
 
-    from bucketserve.executor.attention import prefill_attention
+    from bucketserve.executor.attention import PrefillLayout, prefill_attention
 
     model = executor.model
     weights = shape.layers * shape.layer_params + shape.head_params
@@ -93,7 +93,8 @@ def _operators(executor: Any, shape: ModelShape, dtype_bytes: int) -> tuple[floa
         n = 1024
         q = torch.randn(n, shape.heads, shape.head_dim, dtype=model.dtype)
         kv = torch.randn(n, shape.kv_heads, shape.head_dim, dtype=model.dtype)
-        attention = 2 * n * n * shape.heads * shape.head_dim / best_of(lambda: prefill_attention(q, kv, kv, [n], model.scale))
+        layout = PrefillLayout.build([[]], [n], [0], q.device)
+        attention = 2 * n * n * shape.heads * shape.head_dim / best_of(lambda: prefill_attention(q, kv, kv, layout, None, None, model.scale))
     return rate(per_flop, unlimited=1e18), rate(per_byte), attention
 
 

@@ -38,6 +38,7 @@ class SimExecutor:
         self.eos_ids: frozenset[int] = frozenset()
         self.last_decode_positions = (0, 0)
         self.oom_retries = 0
+        self.unified_step = False
         self.activation_reserve = activation_reserve
         self.lengths: dict[int, int] = {}
         """Cached positions of each running request, by id, in running order."""

@@ -190,6 +190,8 @@ def simulate_split(config: EngineConfig, cost: CostModel, specs: list[RequestSpe
         scheduler.running.clear()
         replica.executor.drop({r.id for r in moved})
         now = replica.clock.now
+        for request in moved:  # the decode side's executor holds none of it until the request joins there
+            request.prefilled = 0
         handoffs.extend((now + kv_transfer_s(cost, r.prompt_len), r.id, r) for r in moved)
 
     prefill = Replica(config, cost, on_finish, PrefillOnlyExecutor, hand_off)

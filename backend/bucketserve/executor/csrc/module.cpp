@@ -9,7 +9,8 @@
 namespace bucketserve {
 at::Tensor paged_decode_attention(at::Tensor q, at::Tensor key_pool, at::Tensor value_pool,
                                      at::Tensor tables, at::Tensor lengths, double scale);
-at::Tensor prefill_attention(at::Tensor q, at::Tensor k, at::Tensor v, std::vector<int64_t> lengths, double scale);
+at::Tensor prefill_attention(at::Tensor q, at::Tensor key_pool, at::Tensor value_pool, at::Tensor tables,
+                             std::vector<int64_t> lengths, std::vector<int64_t> contexts, double scale);
 at::Tensor rms_norm(at::Tensor x, std::optional<at::Tensor> delta, at::Tensor weight, double eps);
 at::Tensor silu_mul(at::Tensor gate_up);
 void rope_(at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t heads, int64_t dim);
@@ -21,7 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // (holding it, attention alone kept them waiting a fifth of a decode step)
   const auto no_gil = pybind11::call_guard<pybind11::gil_scoped_release>();
   m.def("paged_decode_attention", &bucketserve::paged_decode_attention, "decode attention over a paged KV pool", no_gil);
-  m.def("prefill_attention", &bucketserve::prefill_attention, "causal attention of packed prompts", no_gil);
+  m.def("prefill_attention", &bucketserve::prefill_attention, "causal attention of packed prompts (or chunks of them) over a paged KV pool", no_gil);
   m.def("rms_norm", &bucketserve::rms_norm, "RMSNorm of each row, the residual add (x += delta) fused", no_gil);
   m.def("silu_mul", &bucketserve::silu_mul, "silu(gate) * up of a fused gate/up projection", no_gil);
   m.def("rope_", &bucketserve::rope_, "rotary embedding in place on the q and k heads of a fused qkv", no_gil);

@@ -1,5 +1,7 @@
-// Causal attention of packed prompts (one after another, no padding), for the CPU. A job is one sequence's
-// kv head over a block of its positions. It first copies the keys it reads into scratch, transposed
+// Causal attention of packed prompts (one after another, no padding), for the CPU. Each sequence computes some
+// positions this step (a whole prompt, or the next chunk of one) after those it already has in the paged KV pool;
+// its keys and values, this step's included, are read from its pages. A job is one sequence's kv head over a
+// block of its new positions. It first copies the keys it reads into scratch, transposed
 // ([dim][position], so that one vector holds 16 positions' values of one dimension), and the values as they
 // are; both in float32. The block's query vectors (its positions x the kv head's group of query heads) then go
 // through in tiles, as a small matrix product each: the scores of kTile vectors against 16 keys at a time
@@ -26,8 +28,11 @@ constexpr int64_t kBlock = 64;  // positions per job: enough jobs to share among
 constexpr int kTile = 8;        // query vectors scored together: kTile accumulators, one key vector load each
 
 struct Packed {
-  std::vector<int64_t> starts, lengths, blocks;  // per job: its sequence's start and length, its first position
-  int64_t heads, kv_heads, q_stride, k_stride, v_stride;
+  // per job block: its sequence, the sequence's first row in q, its positions before this step, its positions
+  // in all (before this step and this step's), and the block's first new position (counted from the context)
+  std::vector<int64_t> seqs, starts, contexts, totals, blocks;
+  int64_t heads, kv_heads, q_stride, page_size, most_pages;
+  const int64_t* tables;  // [sequences, most_pages]: each sequence's pages
   float scale;
 };
 
@@ -78,23 +83,29 @@ inline void tile_values(const float* __restrict weights, int64_t capacity, const
 }
 
 template <typename T, int DIM>
-void prefill(const T* __restrict q, const T* __restrict k, const T* __restrict v, T* __restrict out, const Packed& p,
-             int64_t longest) {
+void prefill(const T* __restrict q, const T* __restrict key_pool, const T* __restrict value_pool, T* __restrict out,
+             const Packed& p, int64_t longest) {
   constexpr int G = kValuesPerPass<DIM>;
   static_assert(kTile % G == 0, "a tile splits into passes over the values");
   const int64_t group = p.heads / p.kv_heads, jobs = static_cast<int64_t>(p.blocks.size()) * p.kv_heads;
-  const auto end_of = [&](int64_t block) { return std::min(p.blocks[block] + kBlock, p.lengths[block]); };
+  // positions counted from the sequence's start: the block covers [first, last), attending to keys [0, last)
+  const auto first_of = [&](int64_t block) { return p.contexts[block] + p.blocks[block]; };
+  const auto last_of = [&](int64_t block) { return std::min(first_of(block) + kBlock, p.totals[block]); };
   const auto cost = [&](int64_t job) {
     const int64_t block = job / p.kv_heads;
-    return (end_of(block) - p.blocks[block]) * (end_of(block) + p.blocks[block]);
+    return (last_of(block) - first_of(block)) * (last_of(block) + first_of(block));
   };
   run_costliest_first(jobs, cost, [&] {
     return [&, s = Scratch<DIM>(longest)](int64_t job) mutable {
-      const int64_t block = job / p.kv_heads, kv_head = job % p.kv_heads, start = p.starts[block];
-      const int64_t first = p.blocks[block], last = end_of(block), cap = s.capacity;
+      const int64_t block = job / p.kv_heads, kv_head = job % p.kv_heads, context = p.contexts[block];
+      const int64_t first = first_of(block), last = last_of(block), cap = s.capacity;
+      const int64_t* pages = p.tables + p.seqs[block] * p.most_pages;
+      // q's rows hold the new positions only: position `context` is the sequence's first row there
+      const int64_t start = p.starts[block] - context;
       for (int64_t t = 0; t < last; ++t) {
-        const T* key = k + (start + t) * p.k_stride + kv_head * DIM;
-        const T* value = v + (start + t) * p.v_stride + kv_head * DIM;
+        const int64_t row = ((pages[t / p.page_size] * p.kv_heads + kv_head) * p.page_size + t % p.page_size) * DIM;
+        const T* key = key_pool + row;
+        const T* value = value_pool + row;
         for (int d = 0; d < DIM; ++d) {
           s.keys[d * cap + t] = static_cast<float>(key[d]);
           s.values[t * DIM + d] = static_cast<float>(value[d]);
@@ -132,28 +143,42 @@ void prefill(const T* __restrict q, const T* __restrict k, const T* __restrict v
 
 }  // namespace
 
-// q [tokens, heads, dim], k and v [tokens, kv_heads, dim] (dim and heads contiguous; rows may be strided, as
-// views of a fused projection); lengths: the sequences packed one after another from row 0. Returns
-// [tokens, heads, dim]; rows past the last sequence come out zero.
-at::Tensor prefill_attention(at::Tensor q, at::Tensor k, at::Tensor v, std::vector<int64_t> lengths, double scale) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes(), "q [tokens, heads, dim], k and v [tokens, kv_heads, dim]");
-  const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = k.size(1);
-  TORCH_CHECK(k.size(0) == tokens && k.size(2) == dim && heads % kv_heads == 0, "k and v must match q's tokens and dim");
+// q [tokens, heads, dim] (dim and heads contiguous; rows may be strided, as a view of a fused projection): this
+// step's new positions of each sequence, packed one after another from row 0. Pools [pages, kv_heads, page_size,
+// dim] already hold every sequence's keys and values, this step's included; tables [sequences, most_pages] (int64)
+// its pages; lengths: its new positions; contexts: its positions before them. Returns [tokens, heads, dim]; rows
+// past the last sequence come out zero.
+at::Tensor prefill_attention(at::Tensor q, at::Tensor key_pool, at::Tensor value_pool, at::Tensor tables,
+                             std::vector<int64_t> lengths, std::vector<int64_t> contexts, double scale) {
+  TORCH_CHECK(q.dim() == 3 && key_pool.dim() == 4 && key_pool.sizes() == value_pool.sizes(),
+              "q [tokens, heads, dim], pools [pages, kv_heads, page_size, dim]");
+  const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = key_pool.size(1);
+  TORCH_CHECK(key_pool.size(3) == dim && heads % kv_heads == 0, "the pools must match q's head size");
   TORCH_CHECK(dim == 64 || dim == 128, "head size 64 or 128, got ", dim);
-  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), "q, k and v of one dtype");
-  for (const auto& t : {q, k, v})
-    TORCH_CHECK(t.stride(2) == 1 && t.stride(1) == dim, "heads and dim must be contiguous");
-  Packed p{{}, {}, {}, heads, kv_heads, q.stride(0), k.stride(0), v.stride(0), static_cast<float>(scale)};
+  TORCH_CHECK(key_pool.scalar_type() == q.scalar_type() && value_pool.scalar_type() == q.scalar_type(), "q and the pools of one dtype");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == dim, "q's heads and dim must be contiguous");
+  TORCH_CHECK(key_pool.is_contiguous() && value_pool.is_contiguous(), "contiguous pools");
+  const int64_t sequences = static_cast<int64_t>(lengths.size());
+  TORCH_CHECK(contexts.size() == lengths.size(), "one context per sequence");
+  TORCH_CHECK(tables.scalar_type() == at::kLong && tables.dim() == 2 && tables.size(0) == sequences, "int64 tables [sequences, most_pages]");
+  const auto t = tables.contiguous();
+  const int64_t page_size = key_pool.size(2), most_pages = t.size(1);
+  Packed p{{}, {}, {}, {}, {}, heads, kv_heads, q.stride(0), page_size, most_pages, t.data_ptr<int64_t>(),
+           static_cast<float>(scale)};
   int64_t start = 0, longest = 1;
-  for (const int64_t n : lengths) {
-    TORCH_CHECK(n > 0, "sequence lengths must be positive");
+  for (int64_t i = 0; i < sequences; ++i) {
+    const int64_t n = lengths[i], context = contexts[i];
+    TORCH_CHECK(n > 0 && context >= 0, "sequence lengths must be positive, contexts not negative");
+    TORCH_CHECK(context + n <= most_pages * page_size, "a sequence's tables cover fewer positions than it has");
     for (int64_t first = 0; first < n; first += kBlock) {
+      p.seqs.push_back(i);
       p.starts.push_back(start);
-      p.lengths.push_back(n);
+      p.contexts.push_back(context);
+      p.totals.push_back(context + n);
       p.blocks.push_back(first);
     }
     start += n;
-    longest = std::max(longest, n);
+    longest = std::max(longest, context + n);
   }
   TORCH_CHECK(start <= tokens, "the sequences hold ", start, " tokens, q only ", tokens);
   auto out = at::zeros({tokens, heads, dim}, q.options());
@@ -161,9 +186,11 @@ at::Tensor prefill_attention(at::Tensor q, at::Tensor k, at::Tensor v, std::vect
     if constexpr (std::is_same_v<scalar_t, double>) {
       TORCH_CHECK(false, "float32 or bfloat16");
     } else if (dim == 64) {
-      prefill<scalar_t, 64>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), p, longest);
+      prefill<scalar_t, 64>(q.data_ptr<scalar_t>(), key_pool.data_ptr<scalar_t>(), value_pool.data_ptr<scalar_t>(),
+                            out.data_ptr<scalar_t>(), p, longest);
     } else {
-      prefill<scalar_t, 128>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), p, longest);
+      prefill<scalar_t, 128>(q.data_ptr<scalar_t>(), key_pool.data_ptr<scalar_t>(), value_pool.data_ptr<scalar_t>(),
+                             out.data_ptr<scalar_t>(), p, longest);
     }
   });
   return out;
