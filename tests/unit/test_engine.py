@@ -48,10 +48,10 @@ class Collector:
 
 
 def new_engine(model: LoadedModel, max_num_seqs: int = 4, policy: str = "continuous", kv_cache_bytes: int = 1 << 30,
-               max_queue_size: int = 0, slo_expiry: float = 0.0) -> tuple[Engine, Collector]:
+               max_queue_size: int = 0, slo_expiry: float = 0.0, max_prefill_tokens: int = 600) -> tuple[Engine, Collector]:
     """An engine (not started) whose outputs go to a fresh Collector, built as every front end builds one."""
     collector = Collector()
-    config = EngineConfig(max_num_seqs=max_num_seqs, max_prefill_tokens=600, scheduler_policy=policy,
+    config = EngineConfig(max_num_seqs=max_num_seqs, max_prefill_tokens=max_prefill_tokens, scheduler_policy=policy,
                           kv_cache_bytes=kv_cache_bytes, kv_safety=1.0, max_queue_size=max_queue_size,
                           slo_expiry=slo_expiry)
     return build_engine(config, model, collector, log=lambda _m: None), collector
@@ -132,6 +132,56 @@ def test_a_small_kv_budget_is_never_exceeded(model, runner, reference, policy):
     assert peak <= budget
     for r in requests[::4]:
         assert collector.tokens[r.id] == reference(r.prompt_ids, r.sampling.max_tokens)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_prompts_prefilled_in_chunks_give_the_same_greedy_tokens_as_generate(model, runner, reference, policy):
+    """A step computes at most 24 prompt tokens, so every prompt but the shortest is prefilled in chunks over
+    several steps, each chunk in the same forward as the running rows' decode."""
+    if not runner.unified_step:
+        pytest.skip("the transformers executor prefills whole prompts")
+    engine, collector = new_engine(model, policy=policy, max_prefill_tokens=24)
+    engine.start()
+    requests = [make(model, p, max_tokens=6 + 3 * i) for i, p in enumerate(PROMPTS)]
+    for r in requests:
+        engine.submit(r)
+        time.sleep(0.02)
+    collector.wait([r.id for r in requests])
+    engine.stop()
+    assert any(r.prompt_len > 24 for r in requests)
+    for r in requests:
+        assert collector.tokens[r.id] == reference(r.prompt_ids, r.sampling.max_tokens), r.prompt[:30]
+        assert len(collector.finals[r.id]) == 1
+    assert runner.kv_bytes() == 0 and runner.rows == []
+
+
+def test_a_long_prompt_goes_on_chunk_by_chunk_while_a_running_row_decodes_and_can_be_aborted(model, runner):
+    """Driven step by step: the long prompt gets 16 of each step's 32 prompt tokens while another request waits
+    (the waiting one gets the other 16), all of them once nothing waits; no token comes before its last chunk,
+    and the row already running gets one token every step. Aborted half way, its pages go back."""
+    if not runner.unified_step:
+        pytest.skip("the transformers executor prefills whole prompts")
+    engine, _ = new_engine(model, max_prefill_tokens=32)
+    core = engine.core
+    short, long, late = make(model, "x", max_tokens=100), make(model, PROMPTS[4], max_tokens=4), make(model, "y", max_tokens=100)
+    assert long.prompt_len > 100
+    core.add(short)
+    core.step()  # short is prefilled alone and has its first token
+    core.add(long)
+    core.step()  # long's first chunk: the whole budget less short's nothing (short only decodes)
+    assert long.prefilled == 32 and not long.output_ids and len(short.output_ids) == 2
+    core.add(late)
+    core.step()  # late waits: long takes half the budget, late joins with its one token
+    assert long.prefilled == 48 and late.prefilled == late.prompt_len and len(late.output_ids) == 1
+    core.step()
+    assert long.prefilled == 80 and len(short.output_ids) == 4 and len(late.output_ids) == 2
+    pages_before = runner.pool.used_pages
+    core.abort(long.id, FinishReason.CANCELLED)
+    core.step()
+    assert long.finish_reason is FinishReason.CANCELLED and not long.output_ids and long.id not in runner.pool.tables
+    assert runner.pool.used_pages < pages_before and len(short.output_ids) == 5
+    core.shutdown()
+    assert runner.kv_bytes() == 0
 
 
 def test_a_request_larger_than_the_budget_fails_alone(model, runner):
