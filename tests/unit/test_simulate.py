@@ -82,6 +82,19 @@ def test_one_request_alone_takes_exactly_its_steps():
     assert outcome.e2e == pytest.approx(expected_ttft + decodes, rel=1e-9)
 
 
+def test_a_long_prompt_alone_is_prefilled_in_chunks_of_the_step_budget():
+    """As the paged executor runs it: 300 prompt tokens at 128 a step take three forwards, each chunk attending to
+    the positions before it; only the last gives the first token."""
+    cost = CostModel(A100, LLAMA_7B)
+    spec = replace(_specs(1)[0], prompt_len=300, output_len=3, deadline=False)
+    [outcome] = simulate(EngineConfig(max_prefill_tokens=128), cost, [spec], [0.0]).outcomes
+    chunks = cost.step_s([(128, 0)], 0, []) + cost.step_s([(128, 128)], 0, []) + cost.step_s([(44, 256)], 1, [])
+    assert cost.step_s([(44, 256)], 1, []) > cost.prefill_s([44])  # the context's keys cost attention
+    assert outcome.ok and outcome.output_tokens == 3
+    assert outcome.ttft == pytest.approx(chunks, rel=1e-9)
+    assert outcome.e2e == pytest.approx(chunks + cost.decode_s([301]) + cost.decode_s([302]), rel=1e-9)
+
+
 def test_split_prefill_and_decode_add_the_kv_transfer():
     """Disaggregated: the first token comes from the prefill devices; the rest after the KV has moved."""
     cost = CostModel(A100, LLAMA_7B)

@@ -58,20 +58,23 @@ class CostModel:
 
     def prefill_s(self, lengths: list[int], padded: bool = False) -> float:
         """A prefill of prompts of these lengths: packed back to back, or padded to the longest."""
-        m = self.model
         if padded:
             lengths = [max(lengths)] * len(lengths)
-        tokens = sum(lengths)
-        causal = sum(n * n for n in lengths)  # QK^T and PV over half of an n x n square each
-        attention = 2 * causal * m.heads * m.head_dim * m.layers / (self.hw.attention_flops * self.devices)
-        return (self.fixed_s(len(lengths)) + self.matmul_s(tokens, m.body_params)
-                + self.matmul_s(len(lengths), m.head_params) + attention + self.elementwise_s(tokens)
-                + self.all_reduce_s(tokens))
+        return self.step_s([(n, 0) for n in lengths], len(lengths), [])
 
     def decode_s(self, contexts: list[int]) -> float:
         """One decode step of rows with these cached lengths (the new position included)."""
+        return self.step_s([], 0, contexts)
+
+    def step_s(self, chunks: list[tuple[int, int]], firsts: int, contexts: list[int]) -> float:
+        """One forward of prompt chunks, each (new positions, positions it already has cached), ``firsts`` of
+        which complete their prompt (and get a first token), and a decode row per entry of ``contexts`` (its
+        cached length, the new position included): our paged executor's step, one pass over the weights."""
         m = self.model
-        rows = len(contexts)
+        tokens = sum(n for n, _ in chunks) + len(contexts)
+        causal = sum(n * n + 2 * n * cached for n, cached in chunks)  # QK^T and PV over each new position's keys
+        attention = 2 * causal * m.heads * m.head_dim * m.layers / (self.hw.attention_flops * self.devices)
         kv = sum(contexts) * m.kv_bytes_per_token(self.dtype_bytes) / ((self.hw.kv_bw or self.hw.mem_bw) * self.devices)
-        return (self.fixed_s(rows) + self.matmul_s(rows, m.body_params)
-                + self.matmul_s(rows, m.head_params) + kv + self.elementwise_s(rows) + self.all_reduce_s(rows))
+        return (self.fixed_s(len(chunks) + len(contexts)) + self.matmul_s(tokens, m.body_params)
+                + self.matmul_s(firsts + len(contexts), m.head_params) + attention + kv + self.elementwise_s(tokens)
+                + self.all_reduce_s(tokens))

@@ -26,8 +26,12 @@ class SimClock:
 
 
 class SimExecutor:
-    """Implements the engine's ``Executor`` protocol in simulated time. ``page_size`` > 0: paged KV and packed
-    prefill (our executor); 0: padded caches and prefill padded to the longest prompt."""
+    """Implements the engine's ``Executor`` protocol in simulated time. ``page_size`` > 0: paged KV, packed and
+    chunked prefill, and a step's prefill and decode as one forward (our executor); 0: padded caches, prefill
+    padded to the longest prompt, then a separate decode step."""
+
+    UNIFIED = True
+    """Whether paged steps run as one forward (the disaggregated halves below each run one kind only)."""
 
     def __init__(self, cost: CostModel, clock: SimClock, page_size: int = 128, activation_reserve: int = 0):
         self.cost = cost
@@ -38,7 +42,7 @@ class SimExecutor:
         self.eos_ids: frozenset[int] = frozenset()
         self.last_decode_positions = (0, 0)
         self.oom_retries = 0
-        self.unified_step = False
+        self.unified_step = self.UNIFIED and bool(page_size)
         self.activation_reserve = activation_reserve
         self.lengths: dict[int, int] = {}
         """Cached positions of each running request, by id, in running order."""
@@ -92,6 +96,21 @@ class SimExecutor:
         out.add(list(self.rows), [TOKEN] * len(self.rows))
         return out
 
+    def step(self, batch: Sequence[Request]) -> StepOutput:
+        rows = list(self.rows)
+        contexts = [self.lengths[r.id] + 1 for r in rows]
+        self.last_decode_positions = (sum(contexts), 0)
+        complete = [r for r in batch if r.prefill_end == r.prompt_len]
+        self._run(self.cost.step_s([(r.prefill_end - r.prefilled, r.prefilled) for r in batch], len(complete), contexts))
+        for request in rows:
+            self.lengths[request.id] += 1
+        for request in batch:
+            self.lengths[request.id] = request.prefill_end
+        self.rows += complete
+        out = StepOutput()
+        out.add(rows + complete, [TOKEN] * (len(rows) + len(complete)))
+        return out
+
     def drop(self, ids: set[int]) -> None:
         for i in ids:
             self.lengths.pop(i, None)
@@ -112,6 +131,8 @@ class PrefillOnlyExecutor(SimExecutor):
     """The prefill devices of a disaggregated deployment: they compute prompts and first tokens; decoding
     happens elsewhere, so a decode step here is empty (the runner moves the rows out after each step)."""
 
+    UNIFIED = False
+
     def decode(self) -> StepOutput:
         self.last_decode_positions = (0, 0)
         return StepOutput()
@@ -120,6 +141,8 @@ class PrefillOnlyExecutor(SimExecutor):
 class DecodeOnlyExecutor(SimExecutor):
     """The decode devices of a disaggregated deployment: a request arrives with its prompt's KV and first
     token already made, so joining the running set computes nothing."""
+
+    UNIFIED = False
 
     def prefill(self, batch: Sequence[Request]) -> StepOutput:
         for request in batch:

@@ -76,7 +76,7 @@ class Replica:
         max_len = config.max_model_len or cost.model.max_len
         free = self.executor.free_device_memory(config.max_prefill_tokens, max_len)
         scheduler = build_scheduler(config, self.executor.kv_cost().bytes_per_token, free, max_len,
-                                    self.executor.page_size)
+                                    self.executor.page_size, self.executor.unified_step)
         self.executor.allocate(scheduler.budget.budget_bytes)
         self.core = EngineCore(self.executor, scheduler, self._emit, log=lambda _m: None,
                                slo_expiry=config.slo_expiry, clock=self.clock)
