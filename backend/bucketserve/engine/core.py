@@ -1,5 +1,6 @@
-"""The engine's step: the scheduler's next prefill batch, one decode step for every running sequence, and
-every request's end (finished, aborted, late, failed) as events.
+"""The engine's step: the scheduler's next prefill batch (whole prompts, or the next chunk of a long one), one
+token for every running sequence, and every request's end (finished, aborted, late, failed) as events. An
+executor with ``unified_step`` runs the prefill and the decode as one forward; others run two.
 
 One caller owns a core and calls it from one thread: the engine thread in a server, or a simulator that
 runs it in simulated time (``clock``) over an executor that only computes how long each step takes. So
