@@ -114,13 +114,14 @@ def cached_prompts(totals: list[int], contexts: list[int], heads: int, kv_heads:
 @pytest.mark.parametrize("on", ["kernel", "torch"])
 def test_prefill_of_prompts_and_chunks_equals_causal_sdpa_over_each_whole_sequence(heads, kv_heads, dim, dtype, on):
     """Whole prompts (no context) and later chunks of prompts (their first positions already in the pool), with
-    lengths around the kernel's blocks of 64 positions and contexts around pages: each new position's output is
-    its row of causal SDPA over its whole sequence, on the compiled kernel and on the torch path."""
+    lengths around the kernel's blocks (64 to 1,024 new positions per job, by the query heads per kv head) and
+    contexts around pages: each new position's output is its row of causal SDPA over its whole sequence, on the
+    compiled kernel and on the torch path."""
     kernel = cpu_kernels(log=print) if on == "kernel" else None
     assert on == "torch" or kernel is not None, "the CPU kernels did not build"
     torch.manual_seed(3)
-    totals = [1, 2, 63, 64, 65, 130, 7, 75, 200, 17]
-    contexts = [0, 0, 0, 0, 0, 0, 0, 11, 128, 16]
+    totals = [1, 2, 63, 64, 65, 130, 7, 75, 200, 17, 1100, 1300]
+    contexts = [0, 0, 0, 0, 0, 0, 0, 11, 128, 16, 0, 200]
     padding = 5
     p, q, k, v, layout, whole = cached_prompts(totals, contexts, heads, kv_heads, dim, dtype, padding)
     got = prefill_attention(q, k, v, layout, p.keys[0], p.values[0], dim ** -0.5, kernel)

@@ -71,6 +71,7 @@ def _operators(executor: Any, shape: ModelShape, dtype_bytes: int) -> tuple[floa
     import torch
 
     from bucketserve.executor.attention import PrefillLayout, prefill_attention
+    from bucketserve.executor.kv_cache import PagedKVPool
 
     model = executor.model
     weights = shape.layers * shape.layer_params + shape.head_params
@@ -90,11 +91,18 @@ def _operators(executor: Any, shape: ModelShape, dtype_bytes: int) -> tuple[floa
             features.append([2 * rows * weights / seconds, weights * dtype_bytes / seconds])
             ones.append(1.0)
         per_flop, per_byte = nonnegative_lstsq(np.array(features), np.array(ones))
+        # as a prefill step runs it: the prompt's keys and values in pool pages, on the executor's kernel if it has one
         n = 1024
         q = torch.randn(n, shape.heads, shape.head_dim, dtype=model.dtype)
         kv = torch.randn(n, shape.kv_heads, shape.head_dim, dtype=model.dtype)
-        layout = PrefillLayout.build([[]], [n], [0], q.device)
-        attention = 2 * n * n * shape.heads * shape.head_dim / best_of(lambda: prefill_attention(q, kv, kv, layout, None, None, model.scale))
+        pool = PagedKVPool(1, shape.kv_heads, shape.head_dim, executor.page_size, -(-n // executor.page_size),
+                           model.dtype, q.device)
+        pool.reserve(0, n)
+        pool.write(0, pool.slot_index(*pool.slots(0, 0, n)), kv, kv)
+        layout = PrefillLayout.build([pool.tables[0].pages], [n], [0], q.device)
+        seconds = best_of(lambda: prefill_attention(q, kv, kv, layout, pool.keys[0], pool.values[0], model.scale,
+                                                    executor.kernel))
+        attention = 2 * n * n * shape.heads * shape.head_dim / seconds
     return rate(per_flop, unlimited=1e18), rate(per_byte), attention
 
 
