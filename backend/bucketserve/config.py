@@ -59,9 +59,10 @@ class EngineConfig:
     """Most sequences in the running (decode) set at once (vLLM's CPU server default; the KV budget may allow
     fewer, N_max)."""
     max_prefill_tokens: int = 0
-    """Most tokens one prefill batch computes: prompt tokens when prefill is packed (paged executor),
-    batch size x longest prompt when it is padded (hf). 0: by device, as vLLM's servers choose theirs: 2,048 on
-    the CPU (smaller batches get first tokens out sooner at the same throughput there), 4,096 on a GPU."""
+    """Most prompt tokens one step computes: on the paged executor a longer prompt is prefilled in chunks over
+    several steps; on the hf executor (padded) it is batch size x longest prompt, and a longer prompt runs alone.
+    0: by device, as vLLM's servers choose theirs: 2,048 on the CPU, 4,096 on a GPU; smaller values keep steps
+    short (first tokens sooner, steadier TPOT) at some throughput."""
     kv_cache_growth: int = 64
     """hf executor: spare positions each KV slab keeps, so decode steps write in place; regrown when used up."""
     max_decode_groups: int = 4
