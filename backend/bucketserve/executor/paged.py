@@ -121,17 +121,14 @@ class PagedExecutor(ExecutorBase):
     def prefill(self, batch: Sequence[Request]) -> StepOutput:
         """Run the batch's prompt chunks packed; a request whose prompt is complete gets its first token and joins
         the running set."""
-        out = StepOutput()
-        self._in_halves("prefill", list(batch), lambda b: self._forward(b, []), self._undo, out)
-        out.logprobs = self.sampler.take_logprobs()
-        return out
+        return self._apart(list(batch), [])
 
     @torch.inference_mode()
     def decode(self) -> StepOutput:
         """One token for every running row. A forward that fails is retried in halves down to single rows:
         rows that fail alone leave the running set and come back in ``failed``; every other row goes on."""
         assert self.pool is not None and self.rows
-        return self._apart([], list(self.rows), StepOutput())
+        return self._apart([], list(self.rows))
 
     @torch.inference_mode()
     def step(self, batch: Sequence[Request]) -> StepOutput:
@@ -141,11 +138,11 @@ class PagedExecutor(ExecutorBase):
         assert self.pool is not None
         batch, rows = list(batch), list(self.rows)
         self.last_decode_positions = (0, 0)
-        out = StepOutput()
         if batch and rows:
             try:
                 self._inject("prefill", batch)
                 self._inject("decode", rows)
+                out = StepOutput()
                 out.add(rows + batch, self._forward(batch, rows))
                 out.logprobs = self.sampler.take_logprobs()
                 return out
@@ -153,11 +150,11 @@ class PagedExecutor(ExecutorBase):
                 self._undo(batch)
                 self._before_retry(e)
                 self.sampler.take_logprobs()
-                self.last_decode_positions = (0, 0)
-        return self._apart(batch, rows, out)
+        return self._apart(batch, rows)
 
-    def _apart(self, batch: list[Request], rows: list[Request], out: StepOutput) -> StepOutput:
+    def _apart(self, batch: list[Request], rows: list[Request]) -> StepOutput:
         """The batch's prefill, then the rows' decode, each as its own forward retried in halves."""
+        out = StepOutput()
         self.last_decode_positions = (0, 0)
         if batch:
             self._in_halves("prefill", batch, lambda b: self._forward(b, []), self._undo, out)
@@ -217,12 +214,11 @@ class PagedExecutor(ExecutorBase):
 
         end = max([n for _, n in tables] + [r.prefill_end for r in batch])
         hidden = self.model.forward(ids, positions, end, attend)
-        complete = [r for r in batch if r.prefill_end == r.prompt_len]
-        last = list(range(decoding))
-        offset = decoding
+        complete, last, offset = [], list(range(decoding)), decoding  # rows whose logits are sampled
         for request, n in zip(batch, lengths):
             offset += n
             if request.prefill_end == request.prompt_len:
+                complete.append(request)
                 last.append(offset - 1)
         sampled = self.sampler(self.model.logits(hidden.index_select(0, torch.tensor(last, dtype=torch.long, device=dev))),
                                rows + complete) if last else []
@@ -237,8 +233,8 @@ class PagedExecutor(ExecutorBase):
             read = layout.real_positions if self.kernel is not None else layout.read_positions
             done, padded = self.last_decode_positions
             self.last_decode_positions = (done + read, padded + read - layout.real_positions)
-        tokens = iter(sampled)
-        return [next(tokens) for _ in rows] + [next(tokens) if r.prefill_end == r.prompt_len else None for r in batch]
+        firsts = dict(zip(map(id, complete), sampled[decoding:]))
+        return sampled[:decoding] + [firsts.get(id(r)) for r in batch]
 
     def _undo(self, batch: list[Request]) -> None:
         """A failed prefill forward: each request gives back the pages it took for this chunk."""
