@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bucketserve import LLM, SamplingParams
 
@@ -62,9 +63,10 @@ def checkpoint(request, model_dir, tmp_path_factory):
     return out, model
 
 
-def test_greedy_tokens_equal_generate(checkpoint):
+@pytest.mark.parametrize("attention_kernel", ["auto", "torch"])
+def test_greedy_tokens_equal_generate(checkpoint, attention_kernel):
     path, reference = checkpoint
-    with LLM(str(path), device="cpu", executor="paged") as llm:
+    with LLM(str(path), device="cpu", executor="paged", attention_kernel=attention_kernel) as llm:
         outs = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
         for out in outs:
             ids = torch.tensor([llm.tokenizer(out.prompt).input_ids])
@@ -82,3 +84,28 @@ def test_decode_padding_counts_what_attention_reads(model_dir, attention_kernel)
                      SamplingParams(max_tokens=5, temperature=0, ignore_eos=True), use_tqdm=False)
         padding = llm.engine.stats.decode_padding_total
     assert padding == 0.0 if attention_kernel == "cpp" else 0.0 < padding < 1.0
+
+
+def test_the_last_layer_on_the_kept_rows_alone_gives_their_hidden_states(checkpoint):
+    """A prefill samples from each prompt's last position only: the last layer's attention output, o projection
+    and MLP run for those rows, and they must come out as they do in the full forward."""
+    from transformers import AutoConfig
+
+    from bucketserve.executor.llama import LlamaModel
+
+    path, _ = checkpoint
+    model = LlamaModel(str(path), AutoConfig.from_pretrained(path), torch.device("cpu"), torch.float32, onednn=False)
+
+    def attend(_layer, q, k, v, keep):
+        out = F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), is_causal=True,
+                                             scale=model.scale, enable_gqa=True)[0].transpose(0, 1)
+        return out if keep is None else out.index_select(0, keep)
+
+    ids, positions = torch.randint(4, 1000, (40,), generator=torch.Generator().manual_seed(0)), torch.arange(40)
+    keep = torch.tensor([39, 7, 0])
+    with torch.inference_mode():
+        full = model.forward(ids, positions, 40, attend)
+        kept = model.forward(ids, positions, 40, attend, keep)
+        none = model.forward(ids, positions, 40, attend, keep[:0])
+    torch.testing.assert_close(kept, full.index_select(0, keep))
+    assert none.shape == (0, full.shape[1])

@@ -23,8 +23,9 @@ from bucketserve.executor.linear import Linear
 
 FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 
-Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""(layer, q [tokens, heads, dim], k, v [tokens, kv_heads, dim]) -> attention output [tokens, heads, dim]."""
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+"""(layer, q [tokens, heads, dim], k, v [tokens, kv_heads, dim], keep) -> attention output [tokens, heads, dim], or
+only the ``keep`` rows' (in that order) where ``keep`` is given; every token's keys and values are stored either way."""
 
 
 def unsupported(config: Any, model_path: str) -> str | None:
@@ -126,15 +127,25 @@ class LlamaModel:
             self._rope_sin = (emb.sin() * self.rope_scaling).to(self.dtype)
         return self._rope_cos[positions][:, None, :], self._rope_sin[positions][:, None, :]
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, end: int, attend: Attend) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, end: int, attend: Attend,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states ``[tokens, hidden]`` (before the final norm) of packed tokens at ``positions`` (all below
-        ``end``)."""
+        ``end``). ``keep``: the rows whose hidden states are wanted (all if None), in the order returned. A prompt
+        needs only its last position's: the last layer computes keys and values for every row, but its attention
+        output, o projection and MLP for the ``keep`` rows alone (a 2,048-token prefill of an 8-layer model
+        saves ~1/9 of its matmuls)."""
         cos, sin = self.rope(positions, end)
         x = F.embedding(ids, self.embed)
         h = self.add_norm(x, None, self.layers[0].input_norm)
         for i, layer in enumerate(self.layers):
             q, k, v = self.qkv(layer, layer.qkv(h), cos, sin)
-            h = self.add_norm(x, layer.o(attend(i, q, k, v).reshape(-1, self.heads * self.head_dim)), layer.post_norm)
+            final = keep if i + 1 == len(self.layers) else None
+            attended = attend(i, q, k, v, final)
+            if final is not None:
+                x = x.index_select(0, final)
+                if not len(final):
+                    return x
+            h = self.add_norm(x, layer.o(attended.reshape(-1, self.heads * self.head_dim)), layer.post_norm)
             delta = layer.down(self.silu_mul(layer.gate_up(h)))
             if i + 1 < len(self.layers):
                 h = self.add_norm(x, delta, self.layers[i + 1].input_norm)

@@ -108,7 +108,7 @@ class PagedExecutor(ExecutorBase):
         scale = self.model.scale
         layout = PrefillLayout.build([[]] * len(lengths), lengths, [0] * len(lengths), self.device)
         hidden = self.model.forward(ids, positions, n,
-                                    lambda _i, q, k, v: prefill_attention(q, k, v, layout, None, None, scale))
+                                    lambda _i, q, k, v, _keep: prefill_attention(q, k, v, layout, None, None, scale))
         self.model.logits(hidden[-len(lengths):])
         peak = torch.cuda.max_memory_allocated(self.device) - base
         torch.cuda.empty_cache()
@@ -199,11 +199,27 @@ class PagedExecutor(ExecutorBase):
         slots = pool.slot_index(pages, offsets)
         layout = DecodeLayout.build(tables, self.page_size, dev, gather=self.kernel is None) if rows else None
         chunks = PrefillLayout.build(prefill_tables, lengths, contexts, dev) if batch else None
+        complete, last, offset = [], list(range(decoding)), decoding  # the rows whose logits are sampled
+        sampled_tables = list(tables)
+        for request, table, n in zip(batch, prefill_tables, lengths):
+            offset += n
+            if request.prefill_end == request.prompt_len:
+                complete.append(request)
+                last.append(offset - 1)
+                sampled_tables.append((table, request.prefill_end))
+        # with prompt tokens in the step, the last layer attends from the sampled rows alone, each as a decode row
+        # over its pages (a prompt's last position included)
+        keep = torch.tensor(last, dtype=torch.long, device=dev) if batch else None
+        final = DecodeLayout.build(sampled_tables, self.page_size, dev, gather=self.kernel is None) if batch and last else None
         scale = self.model.scale
 
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   kept: torch.Tensor | None) -> torch.Tensor:
             keys, values = pool.keys[layer], pool.values[layer]
             pool.write(layer, slots, k[:decoding + prefilling], v[:decoding + prefilling])
+            if kept is not None:
+                return q[:0] if final is None else decode_attention(q.index_select(0, kept), keys, values, final, scale,
+                                                                    self.kernel)
             parts = []
             if layout is not None:
                 parts.append(decode_attention(q[:decoding], keys, values, layout, scale, self.kernel))
@@ -213,15 +229,8 @@ class PagedExecutor(ExecutorBase):
             return parts[0] if len(parts) == 1 else torch.cat(parts)
 
         end = max([n for _, n in tables] + [r.prefill_end for r in batch])
-        hidden = self.model.forward(ids, positions, end, attend)
-        complete, last, offset = [], list(range(decoding)), decoding  # rows whose logits are sampled
-        for request, n in zip(batch, lengths):
-            offset += n
-            if request.prefill_end == request.prompt_len:
-                complete.append(request)
-                last.append(offset - 1)
-        sampled = self.sampler(self.model.logits(hidden.index_select(0, torch.tensor(last, dtype=torch.long, device=dev))),
-                               rows + complete) if last else []
+        hidden = self.model.forward(ids, positions, end, attend, keep)
+        sampled = self.sampler(self.model.logits(hidden), rows + complete) if last else []
         for request in rows:  # only now: a failed forward advanced no row
             pool.tables[request.id].length += 1
         for request in batch:

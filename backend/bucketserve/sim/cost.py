@@ -69,12 +69,16 @@ class CostModel:
     def step_s(self, chunks: list[tuple[int, int]], firsts: int, contexts: list[int]) -> float:
         """One forward of prompt chunks, each (new positions, positions it already has cached), ``firsts`` of
         which complete their prompt (and get a first token), and a decode row per entry of ``contexts`` (its
-        cached length, the new position included): our paged executor's step, one pass over the weights."""
+        cached length, the new position included): our paged executor's step, one pass over the weights. The last
+        layer projects keys and values for every token but runs attention, o and the MLP for the sampled rows
+        alone (a prompt's last position, each decode row), as the LM head does."""
         m = self.model
         tokens = sum(n for n, _ in chunks) + len(contexts)
+        sampled = firsts + len(contexts)
         causal = sum(n * n + 2 * n * cached for n, cached in chunks)  # QK^T and PV over each new position's keys
-        attention = 2 * causal * m.heads * m.head_dim * m.layers / (self.hw.attention_flops * self.devices)
+        attention = 2 * causal * m.heads * m.head_dim * (m.layers - 1) / (self.hw.attention_flops * self.devices)
         kv = sum(contexts) * m.kv_bytes_per_token(self.dtype_bytes) / ((self.hw.kv_bw or self.hw.mem_bw) * self.devices)
-        return (self.fixed_s(len(chunks) + len(contexts)) + self.matmul_s(tokens, m.body_params)
-                + self.matmul_s(firsts + len(contexts), m.head_params) + attention + kv + self.elementwise_s(tokens)
+        last = m.layer_params - m.qkv_params
+        return (self.fixed_s(len(chunks) + len(contexts)) + self.matmul_s(tokens, m.body_params - last)
+                + self.matmul_s(sampled, last + m.head_params) + attention + kv + self.elementwise_s(tokens)
                 + self.all_reduce_s(tokens))

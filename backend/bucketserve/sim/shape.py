@@ -20,10 +20,14 @@ class ModelShape:
     max_len: int
 
     @property
+    def qkv_params(self) -> int:
+        """One layer's fused q/k/v projection."""
+        return self.hidden * (self.heads + 2 * self.kv_heads) * self.head_dim
+
+    @property
     def layer_params(self) -> int:
         """Matmul weights of one decoder layer: fused q/k/v, o, fused gate/up, down."""
-        qkv = self.hidden * (self.heads + 2 * self.kv_heads) * self.head_dim
-        return qkv + self.heads * self.head_dim * self.hidden + 3 * self.hidden * self.intermediate
+        return self.qkv_params + self.heads * self.head_dim * self.hidden + 3 * self.hidden * self.intermediate
 
     @property
     def body_params(self) -> int:
