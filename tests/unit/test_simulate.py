@@ -65,6 +65,20 @@ def test_padding_and_tensor_parallelism_cost_what_they_should():
     assert split.all_reduce_s(2000) > 0 == cost.all_reduce_s(2000)
 
 
+def test_only_the_sampled_rows_run_the_last_layer_past_its_keys_and_values():
+    """Our executor runs the last layer's attention, o and MLP for each prompt's last position and each decode row;
+    transformers' padded prefill runs it for every position. A decode step samples every row: no difference."""
+    cost, m = CostModel(replace(A100, matmul_overlap=0.0), LLAMA_7B), LLAMA_7B
+    rest = m.layer_params - m.qkv_params
+    saved = cost.matmul_s(2000, rest) - cost.matmul_s(1, rest)
+    attention = 2 * 2000 * 2000 * m.heads * m.head_dim / A100.attention_flops
+    every_row = cost.step_s([(2000, 0)], 1, [], sampled_last_layer=False)
+    assert cost.step_s([(2000, 0)], 1, []) == pytest.approx(every_row - saved - attention)
+    assert cost.prefill_s([2000, 2000], padded=True) == pytest.approx(
+        cost.step_s([(2000, 0)] * 2, 2, [], sampled_last_layer=False))
+    assert cost.decode_s([100] * 8) == pytest.approx(cost.step_s([], 0, [100] * 8, sampled_last_layer=False))
+
+
 def _specs(n: int, workload: str = "mixed", seed: int = 0):
     return generate(workload, n, LLAMA_7B.max_len, seed, 0.2, DEFAULT_CLASSES)
 

@@ -57,28 +57,31 @@ class CostModel:
         return 2 * m.layers * (self.hw.link_latency_s + ring)
 
     def prefill_s(self, lengths: list[int], padded: bool = False) -> float:
-        """A prefill of prompts of these lengths: packed back to back, or padded to the longest."""
+        """A prefill of prompts of these lengths: packed back to back (our executor), or padded to the longest
+        (transformers', which also runs its last layer for every position)."""
         if padded:
             lengths = [max(lengths)] * len(lengths)
-        return self.step_s([(n, 0) for n in lengths], len(lengths), [])
+        return self.step_s([(n, 0) for n in lengths], len(lengths), [], sampled_last_layer=not padded)
 
     def decode_s(self, contexts: list[int]) -> float:
         """One decode step of rows with these cached lengths (the new position included)."""
         return self.step_s([], 0, contexts)
 
-    def step_s(self, chunks: list[tuple[int, int]], firsts: int, contexts: list[int]) -> float:
+    def step_s(self, chunks: list[tuple[int, int]], firsts: int, contexts: list[int],
+               sampled_last_layer: bool = True) -> float:
         """One forward of prompt chunks, each (new positions, positions it already has cached), ``firsts`` of
         which complete their prompt (and get a first token), and a decode row per entry of ``contexts`` (its
-        cached length, the new position included): our paged executor's step, one pass over the weights. The last
-        layer projects keys and values for every token but runs attention, o and the MLP for the sampled rows
-        alone (a prompt's last position, each decode row), as the LM head does."""
+        cached length, the new position included): our paged executor's step, one pass over the weights. With
+        ``sampled_last_layer`` the last layer projects keys and values for every token but runs attention, o and
+        the MLP for the sampled rows alone (a prompt's last position, each decode row), as the LM head does."""
         m = self.model
         tokens = sum(n for n, _ in chunks) + len(contexts)
         sampled = firsts + len(contexts)
+        layers = m.layers - 1 if sampled_last_layer else m.layers  # that run prefill attention
         causal = sum(n * n + 2 * n * cached for n, cached in chunks)  # QK^T and PV over each new position's keys
-        attention = 2 * causal * m.heads * m.head_dim * (m.layers - 1) / (self.hw.attention_flops * self.devices)
+        attention = 2 * causal * m.heads * m.head_dim * layers / (self.hw.attention_flops * self.devices)
         kv = sum(contexts) * m.kv_bytes_per_token(self.dtype_bytes) / ((self.hw.kv_bw or self.hw.mem_bw) * self.devices)
-        last = m.layer_params - m.qkv_params
+        last = m.layer_params - m.qkv_params if sampled_last_layer else 0
         return (self.fixed_s(len(chunks) + len(contexts)) + self.matmul_s(tokens, m.body_params - last)
                 + self.matmul_s(sampled, last + m.head_params) + attention + kv + self.elementwise_s(tokens)
                 + self.all_reduce_s(tokens))
