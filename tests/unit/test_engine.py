@@ -181,6 +181,31 @@ def test_a_long_prompt_goes_on_chunk_by_chunk_while_a_running_row_decodes_and_ca
     assert runner.kv_bytes() == 0
 
 
+def test_prefill_padding_counts_the_rows_that_round_a_step_with_running_rows(model, runner):
+    """The rows of zeros that round a forward to a familiar row count round the decode rows riding along too:
+    an 80-token prompt alone needs none (80 is such a count), beside one running row it gets 15."""
+    from bucketserve.executor.linear import padded_rows
+
+    if not runner.unified_step or not runner.onednn:
+        pytest.skip("only the paged executor's oneDNN forward pads, and only it runs one forward a step")
+    assert padded_rows(80) == 80 and padded_rows(81) == 96
+    engine, _ = new_engine(model)
+    core = engine.core
+    ids = model.tokenizer.encode(PROMPTS[4])[:80]
+    alone = Request("", ids, SamplingParams(max_tokens=2, temperature=0.0))
+    core.add(alone)
+    core.step()
+    assert engine.stats.prefill_padded_tokens == 0
+    core.step()  # alone's last token: it leaves
+    running, joining = make(model, "x", max_tokens=10), Request("", ids, SamplingParams(max_tokens=2, temperature=0.0))
+    core.add(running)
+    core.step()
+    core.add(joining)
+    core.step()  # 80 prompt tokens and 1 decode row in one forward of 96 rows
+    assert engine.stats.prefill_padded_tokens == 15 and engine.stats.prefill_tokens == 80 + running.prompt_len + 95
+    core.shutdown()
+
+
 def test_a_request_larger_than_the_budget_fails_alone(model, runner):
     engine, collector = new_engine(model, kv_cache_bytes=100 * runner.kv_cost().bytes_per_token)
     big, small = make(model, PROMPTS[4], max_tokens=8), make(model, "x", max_tokens=4)

@@ -93,7 +93,11 @@ class EngineCore:
             batch = self.scheduler.next_prefill(self.clock())
             if batch:
                 lengths = [r.prefill_end - r.prefilled for r in batch]
-                self.monitor.on_prefill(lengths, self.executor.prefill_positions(lengths), bool(self.executor.page_size))
+                # in a unified step the running rows share the forward, and its padding rounds them too
+                riding = (sum(r.prefilled >= r.prompt_len for r in self.scheduler.running)
+                          if self.executor.unified_step else 0)
+                self.monitor.on_prefill(lengths, self.executor.prefill_positions(lengths, riding),
+                                        bool(self.executor.page_size))
             if self.executor.unified_step:
                 decoding = len(self.scheduler.running) > len(batch)
                 if batch or decoding:

@@ -76,8 +76,9 @@ class Executor(Protocol):
     def install_faults(self, spec: str) -> None:
         """Test-only: fail the forward passes ``spec`` names."""
 
-    def prefill_positions(self, lengths: list[int]) -> int:
-        """Positions a prefill of prompts of these lengths computes, padding included."""
+    def prefill_positions(self, lengths: list[int], decode_rows: int = 0) -> int:
+        """Positions a prefill of prompts of these lengths computes, padding included; ``decode_rows``: running
+        rows in the same forward (a unified step), not counted, though they share the padding's rounding."""
 
     def prefill(self, batch: Sequence[Request]) -> StepOutput:
         """Run the batch's prompts, sample each first token, and add the rows to the running set."""

@@ -106,7 +106,7 @@ class HFExecutor(ExecutorBase):
         torch.cuda.empty_cache()
         return max(0, torch.cuda.mem_get_info(self.device)[0] - peak)
 
-    def prefill_positions(self, lengths: list[int]) -> int:
+    def prefill_positions(self, lengths: list[int], decode_rows: int = 0) -> int:
         return len(lengths) * max(lengths)  # left-padded to the longest
 
     @torch.inference_mode()

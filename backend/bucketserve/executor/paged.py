@@ -114,8 +114,8 @@ class PagedExecutor(ExecutorBase):
         torch.cuda.empty_cache()
         return max(0, torch.cuda.mem_get_info(self.device)[0] - peak)
 
-    def prefill_positions(self, lengths: list[int]) -> int:
-        return padded_rows(sum(lengths)) if self.onednn else sum(lengths)
+    def prefill_positions(self, lengths: list[int], decode_rows: int = 0) -> int:
+        return padded_rows(sum(lengths) + decode_rows) - decode_rows if self.onednn else sum(lengths)
 
     @torch.inference_mode()
     def prefill(self, batch: Sequence[Request]) -> StepOutput:
@@ -210,7 +210,8 @@ class PagedExecutor(ExecutorBase):
         # with prompt tokens in the step, the last layer attends from the sampled rows alone, each as a decode row
         # over its pages (a prompt's last position included)
         keep = torch.tensor(last, dtype=torch.long, device=dev) if batch else None
-        final = DecodeLayout.build(sampled_tables, self.page_size, dev, gather=self.kernel is None) if batch and last else None
+        final = (DecodeLayout.build(sampled_tables, self.page_size, dev, gather=self.kernel is None)
+                 if batch and last else None)
         scale = self.model.scale
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -69,7 +69,7 @@ class SimExecutor:
     def install_faults(self, spec: str) -> None:
         raise ValueError("the simulator has no fault injection")
 
-    def prefill_positions(self, lengths: list[int]) -> int:
+    def prefill_positions(self, lengths: list[int], decode_rows: int = 0) -> int:
         return sum(lengths) if self.page_size else len(lengths) * max(lengths)
 
     def _run(self, seconds: float) -> None:
