@@ -91,15 +91,15 @@ class EngineCore:
             self._expire_waiting(events)
             self._expire_running(self.scheduler.running, events)
             batch = self.scheduler.next_prefill(self.clock())
+            # every running request part way through its prompt is in the batch: the others decode this step
+            decoding = len(self.scheduler.running) - len(batch)
             if batch:
                 lengths = [r.prefill_end - r.prefilled for r in batch]
-                # in a unified step the running rows share the forward, and its padding rounds them too
-                riding = (sum(r.prefilled >= r.prompt_len for r in self.scheduler.running)
-                          if self.executor.unified_step else 0)
+                # in a unified step the decode rows share the forward, and its padding rounds them too
+                riding = decoding if self.executor.unified_step else 0
                 self.monitor.on_prefill(lengths, self.executor.prefill_positions(lengths, riding),
                                         bool(self.executor.page_size))
             if self.executor.unified_step:
-                decoding = len(self.scheduler.running) > len(batch)
                 if batch or decoding:
                     out = self.executor.step(batch)
                     self._prefilled(batch, out, events)
